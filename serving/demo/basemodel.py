@@ -352,7 +352,7 @@ def _llama_linear_shapes(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
 def _write_peft_lora_config(
     out_dir: Path, *, base_model_name: str, rank: int, alpha: int, target_modules: list[str]
 ) -> None:
-    """Write ``adapter_config.json`` with PEFT's own serializer, as ``PeftModel.save_pretrained``."""
+    """Write ``adapter_config.json`` with PEFT's own serializer (as ``PeftModel`` saves it)."""
     from peft import LoraConfig
 
     config = LoraConfig(
