@@ -56,7 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lorafleet.loadtest.runner import run_workload
     from lorafleet.loadtest.workload import load_workload, resolve_api_keys
 
-    console = Console()
+    console = _console()
     try:
         workload, trace = load_workload(args.workload)
         keys = resolve_api_keys(workload, default=args.api_key)
@@ -77,7 +77,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from lorafleet.loadtest.compare import compare_results, comparison_table
     from lorafleet.loadtest.report import load_results
 
-    console = Console()
+    console = _console()
     try:
         a, b = load_results(args.a), load_results(args.b)
     except LoadTestError as exc:
@@ -93,7 +93,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from lorafleet.loadtest.bench.harness import run_bench
 
-    console = Console()
+    console = _console()
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     try:
         run_bench(args.scenario, out_dir=args.out_dir, quick=args.quick, systems=systems,
@@ -113,3 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return int(args.func(args))
+
+
+def _console() -> Console:
+    """A console; wide enough for the tables when the output is not a terminal."""
+    probe = Console()
+    return probe if probe.is_terminal else Console(width=170)

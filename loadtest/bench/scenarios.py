@@ -1,0 +1,199 @@
+"""Benchmark scenarios: which adapters, which server settings, which seeded workloads.
+
+Boundary: pure. A scenario is data (:class:`Scenario`): the harness prepares what it names,
+starts each system and runs its phases. Sizes are chosen so a full run takes under ten minutes
+on a 2-core CPU with SmolLM2-135M (``quick``: about two minutes per system). Figures on a CPU
+are only meaningful as ratios between the systems.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lorafleet.loadtest.workload import Workload, parse_workload
+
+MODEL = "SmolLM2-135M-Instruct"
+TENANT = "bench"
+ADAPTER_RANK = 8
+ADAPTER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One workload run against a started system."""
+
+    name: str
+    workload: Workload
+    cold_adapters: tuple[str, ...] = ()
+    """Adapters this phase expects to be loaded for the first time (cold-start only)."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    adapters: tuple[str, ...]
+    """Adapters registered (and preloaded) before any phase."""
+    phases: tuple[Phase, ...]
+    cold_adapters: tuple[str, ...] = ()
+    """Adapters made available only on demand (not preloaded)."""
+    max_loras: int = 8
+    max_cpu_loras: int = 32
+    headline: tuple[str, ...] = field(default=("output tok/s", "TTFT p50 s", "TPOT p50 s"))
+
+
+def adapter_names(n: int, prefix: str = "a") -> tuple[str, ...]:
+    return tuple(f"{prefix}{i:02d}" for i in range(n))
+
+
+def _workload(**fields: object) -> Workload:
+    base: dict[str, object] = {
+        "tenants": [{"name": TENANT}],
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "reader_rate": {"dist": "lognormal", "median": 6.0, "sigma": 0.25, "min": 3, "max": 12},
+        "request_timeout_s": 240,
+    }
+    base.update(fields)
+    return parse_workload(base, f"scenario workload {fields.get('name')}")
+
+
+def multi_lora(quick: bool) -> Scenario:
+    """Throughput and TPOT with 1, 8, 32 distinct adapters vs base-only, 16 streams."""
+    n_req, max_tokens, words = (32, 16, 8) if quick else (32, 64, 12)
+    phases = []
+    for label, n_adapters in (("base", 0), ("lora-1", 1), ("lora-8", 8), ("lora-32", 32)):
+        entries = (
+            [{"model": MODEL}]
+            if n_adapters == 0
+            else [{"model": a} for a in adapter_names(n_adapters)]
+        )
+        phases.append(Phase(label, _workload(
+            name=f"multi-lora/{label}",
+            seed=11,
+            duration_s=300,
+            max_requests=n_req,
+            endpoint="completions",
+            models={"popularity": {"kind": "uniform"}, "entries": entries},
+            arrival={"kind": "closed", "concurrency": 16},
+            prompts={"words": {"dist": "constant", "value": words}},
+            max_tokens={"dist": "constant", "value": max_tokens},
+            stream=True,
+        )))
+    return Scenario(
+        name="multi-lora",
+        description="16 concurrent streams; base-only vs 1, 8, 32 distinct rank-8 adapters",
+        adapters=adapter_names(32),
+        phases=tuple(phases),
+        headline=("output tok/s", "TPOT p50 s", "TPOT p99 s", "TTFT p50 s"),
+    )
+
+
+def burst(quick: bool) -> Scenario:
+    """A quiet Poisson load with on/off bursts of new streaming requests."""
+    duration, period, lo, hi = (24, 12, 24, 48) if quick else (60, 20, 64, 128)
+    wl = _workload(
+        name="burst",
+        seed=7,
+        duration_s=duration,
+        max_requests=400,
+        max_concurrency=64,
+        endpoint="chat",
+        models={"popularity": {"kind": "zipf", "s": 1.1},
+                "entries": [{"model": MODEL}, {"model": "a00"}, {"model": "a01"}]},
+        arrival={"kind": "bursts", "base_rate": 0.4, "burst_rate": 6.0,
+                 "burst_duration_s": 2.0, "period_s": period, "first_burst_s": 4.0},
+        prompts={"words": {"dist": "uniform", "low": 8, "high": 24}},
+        max_tokens={"dist": "uniform", "low": lo, "high": hi},
+        stream=True,
+        slo={"ttft_s": 2.0, "tpot_s": 0.2},
+    )
+    return Scenario(
+        name="burst",
+        description="Poisson 0.4 req/s with bursts of 6 req/s for 2 s; readers ~6 tok/s",
+        adapters=adapter_names(2),
+        phases=(Phase("burst", wl),),
+        headline=("TTFT p99 s", "effective tok/s", "stall s total", "stalled requests",
+                  "SLO attainment", "output tok/s"),
+    )
+
+
+def cold_start(quick: bool) -> Scenario:
+    """First request to an adapter nobody holds vs the following (warm) ones, one at a time."""
+    n_adapters, warm = (3, 2) if quick else (6, 3)
+    cold = adapter_names(n_adapters, prefix="c")
+    # One phase per adapter, a closed loop of one stream: its first request is cold, the rest
+    # warm.
+    phases = tuple(
+        Phase(
+            f"cold-{name}",
+            _workload(
+                name=f"cold-start/{name}",
+                seed=3,
+                duration_s=200,
+                max_requests=1 + warm,
+                endpoint="chat",
+                models={"entries": [{"model": name}]},
+                arrival={"kind": "closed", "concurrency": 1},
+                prompts={"words": {"dist": "constant", "value": 8}},
+                max_tokens={"dist": "constant", "value": 16},
+                stream=True,
+            ),
+            cold_adapters=(name,),
+        )
+        for name in cold
+    )
+    return Scenario(
+        name="cold-start",
+        description=f"{n_adapters} adapters loaded on first use; 1 cold + {warm} warm requests "
+        "each, sequential",
+        adapters=(),
+        cold_adapters=cold,
+        phases=phases,
+        headline=("cold TTFT s", "warm TTFT p50 s", "cold/warm"),
+    )
+
+
+def overhead(quick: bool) -> Scenario:
+    """Gateway path vs vLLM direct: TTFT and TPOT added, at low load (one stream at a time)."""
+    n_req = 8 if quick else 24
+    wl = _workload(
+        name="overhead",
+        seed=5,
+        duration_s=300,
+        max_requests=n_req,
+        endpoint="chat",
+        models={"entries": [{"model": MODEL}]},
+        arrival={"kind": "closed", "concurrency": 1},
+        prompts={"words": {"dist": "constant", "value": 16}},
+        max_tokens={"dist": "constant", "value": 64},
+        stream=True,
+    )
+    wl_lora = wl.model_copy(update={
+        "name": "overhead/lora",
+        "models": parse_workload(
+            {**wl.model_dump(mode="json"), "models": {"entries": [{"model": "a00"}]}}
+        ).models,
+    })
+    return Scenario(
+        name="overhead",
+        description="one stream at a time, base model and one adapter: latency added per hop",
+        adapters=adapter_names(1),
+        phases=(Phase("base", wl), Phase("lora", wl_lora)),
+        headline=("TTFT p50 s", "TTFT p99 s", "TPOT p50 s", "e2e p50 s"),
+    )
+
+
+SCENARIOS = {
+    "multi-lora": multi_lora,
+    "burst": burst,
+    "cold-start": cold_start,
+    "overhead": overhead,
+}
+
+
+def get_scenario(name: str, quick: bool) -> Scenario:
+    try:
+        return SCENARIOS[name](quick)
+    except KeyError:
+        raise ValueError(f"unknown scenario {name!r}; known: {sorted(SCENARIOS)}") from None

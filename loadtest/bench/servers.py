@@ -1,0 +1,248 @@
+"""Start, wait for and stop the servers ``bench`` compares, on loopback only.
+
+Boundary: process management and the few HTTP calls needed to set a server up. A server runs in
+its own process group (so its engine workers go with it); it is stopped with SIGTERM, then
+SIGKILL after a bounded wait. Waiting for readiness is bounded too, and a failure shows the tail
+of the server's log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from lorafleet.loadtest.errors import ServerStartError
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@dataclass
+class Server:
+    """A started server process and where it answers."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+
+def start(
+    name: str, cmd: Sequence[str], env: dict[str, str], port: int, log_path: Path
+) -> Server:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path.open("wb")
+    try:
+        proc = subprocess.Popen(
+            list(cmd), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    except OSError as exc:
+        raise ServerStartError(f"cannot start {name} ({cmd[0]}): {exc}") from None
+    finally:
+        log.close()
+    return Server(name=name, proc=proc, port=port, log_path=log_path)
+
+
+def wait_ready(server: Server, timeout_s: float, path: str = "/health") -> float:
+    """Poll ``GET path`` until 200 (bounded); returns the seconds it took."""
+    t0 = time.monotonic()
+    deadline = t0 + timeout_s
+    url = server.base_url + path
+    with httpx.Client(timeout=2.0) as http:
+        while time.monotonic() < deadline:
+            if server.proc.poll() is not None:
+                raise ServerStartError(
+                    f"{server.name} exited with code {server.proc.returncode} before it was "
+                    f"ready; log {server.log_path}:\n{log_tail(server.log_path)}"
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                if http.get(url).status_code == 200:
+                    return time.monotonic() - t0
+            time.sleep(0.5)
+    raise ServerStartError(
+        f"{server.name} not ready at {url} after {timeout_s:g} s; log {server.log_path}:\n"
+        f"{log_tail(server.log_path)}"
+    )
+
+
+def stop(server: Server, term_timeout_s: float = 20.0) -> None:
+    """SIGTERM the process group, then SIGKILL it if it has not exited in time."""
+    if server.proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.proc.pid, signal.SIGTERM)
+    try:
+        server.proc.wait(timeout=term_timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(timeout=10)
+    # Engine workers may outlive the parent in the same group: make sure they are gone.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(server.proc.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def running(
+    name: str,
+    cmd: Sequence[str],
+    env: dict[str, str],
+    port: int,
+    log_path: Path,
+    ready_timeout_s: float,
+) -> Iterator[Server]:
+    """Start a server, wait until ready, yield it, always stop it."""
+    server = start(name, cmd, env, port, log_path)
+    try:
+        wait_ready(server, ready_timeout_s)
+        yield server
+    finally:
+        stop(server)
+
+
+@dataclass(frozen=True)
+class VLLMOptions:
+    """How stock vLLM's OpenAI server is started."""
+
+    model_dir: Path
+    served_model_name: str
+    adapters: dict[str, Path]
+    max_loras: int
+    max_lora_rank: int
+    max_cpu_loras: int
+    max_model_len: int = 2048
+    kv_cache_gib: int = 2
+    resolver_dir: Path | None = None
+    """When set, adapters not in ``adapters`` are resolved by name from this folder at request
+    time (vLLM's filesystem resolver): a genuine cold load."""
+
+
+def vllm_command(opts: VLLMOptions, port: int) -> tuple[list[str], dict[str, str]]:
+    """Command line and environment of stock vLLM's OpenAI server."""
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--host", HOST, "--port", str(port),
+        "--model", str(opts.model_dir),
+        "--served-model-name", opts.served_model_name,
+        "--max-model-len", str(opts.max_model_len),
+        "--enable-lora",
+        "--max-loras", str(opts.max_loras),
+        "--max-lora-rank", str(opts.max_lora_rank),
+        "--max-cpu-loras", str(opts.max_cpu_loras),
+    ]
+    if opts.adapters:
+        cmd += ["--lora-modules", *(f"{n}={p}" for n, p in opts.adapters.items())]
+    env = dict(os.environ)
+    env.update(
+        VLLM_CPU_KVCACHE_SPACE=str(opts.kv_cache_gib),
+        HF_HUB_OFFLINE="1",
+        VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
+        # Stock means stock: LoRAFleet's own vLLM plugin (installed in this environment) is
+        # left out; only vLLM's filesystem resolver is allowed, and only when asked for.
+        VLLM_PLUGINS="lora_filesystem_resolver" if opts.resolver_dir else "",
+    )
+    if opts.resolver_dir:
+        env["VLLM_LORA_RESOLVER_CACHE_DIR"] = str(opts.resolver_dir)
+    return cmd, env
+
+
+@dataclass(frozen=True)
+class LoRAFleetOptions:
+    """How ``lorafleet serve`` is started (see docs/contracts.md)."""
+
+    model_dir: Path
+    served_model_name: str
+    data_dir: Path
+    admin_key: str
+    max_loras: int
+    max_lora_rank: int
+    max_cpu_loras: int
+    max_model_len: int = 2048
+    kv_cache_gib: int = 2
+
+
+def lorafleet_command(opts: LoRAFleetOptions, port: int) -> tuple[list[str], dict[str, str]]:
+    exe = Path(sys.executable).with_name("lorafleet")
+    cmd = [
+        str(exe) if exe.exists() else "lorafleet", "serve", "--no-demo",
+        "--host", HOST, "--port", str(port),
+        "--model-dir", str(opts.model_dir),
+        "--served-model-name", opts.served_model_name,
+        "--data-dir", str(opts.data_dir),
+        "--admin-key", opts.admin_key,
+        "--max-loras", str(opts.max_loras),
+        "--max-lora-rank", str(opts.max_lora_rank),
+        "--max-cpu-loras", str(opts.max_cpu_loras),
+        "--max-model-len", str(opts.max_model_len),
+        "--kv-cache-gib", str(opts.kv_cache_gib),
+    ]
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1")
+    return cmd, env
+
+
+class AdminClient:
+    """The few LoRAFleet admin calls bench needs (contract: docs/contracts.md)."""
+
+    def __init__(self, base_url: str, admin_key: str, timeout_s: float = 120.0) -> None:
+        self._http = httpx.Client(
+            base_url=base_url,
+            headers={"Authorization": f"Bearer {admin_key}"},
+            timeout=timeout_s,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _call(self, method: str, path: str, body: dict[str, object] | None = None) -> object:
+        try:
+            resp = self._http.request(method, path, json=body)
+        except httpx.HTTPError as exc:
+            raise ServerStartError(f"admin {method} {path}: {exc}") from None
+        if resp.status_code >= 400:
+            raise ServerStartError(
+                f"admin {method} {path} answered {resp.status_code}: {resp.text[:500]}"
+            )
+        return resp.json() if resp.content else None
+
+    def create_tenant(self, name: str) -> None:
+        self._call("POST", "/admin/v1/tenants", {"name": name})
+
+    def create_key(self, tenant: str) -> str:
+        answer = self._call("POST", f"/admin/v1/tenants/{tenant}/keys", {})
+        assert isinstance(answer, dict)
+        return str(answer["key"])
+
+    def add_adapter(self, tenant: str, name: str, source: Path, load: bool) -> None:
+        self._call(
+            "POST",
+            f"/admin/v1/tenants/{tenant}/adapters",
+            {"name": name, "source": str(source), "load": load},
+        )
