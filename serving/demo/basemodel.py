@@ -212,9 +212,7 @@ def prepare_base_model(dest: Path, *, progress: bool = True) -> Path:
         model.generation_config = GenerationConfig(
             bos_token_id=config.bos_token_id,
             eos_token_id=config.eos_token_id,
-            pad_token_id=config.pad_token_id
-            if config.pad_token_id is not None
-            else config.eos_token_id,
+            pad_token_id=config.pad_token_id if config.pad_token_id is not None else config.eos_token_id,
         )
         model.save_pretrained(str(out), safe_serialization=True)
         _save_tokenizer(out)
