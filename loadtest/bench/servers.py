@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-
 from lorafleet.loadtest.errors import ServerStartError
 
 HOST = "127.0.0.1"

@@ -1,0 +1,1 @@
+"""Benchmarks against stock vLLM: scenarios (pure), server processes, the harness."""

@@ -1,0 +1,266 @@
+"""``bench SCENARIO``: stock vLLM and LoRAFleet, one after the other, same seeded workloads.
+
+Boundary: orchestration and I/O. Prepares the SmolLM2 model and random adapters (lazily, with
+``lorafleet.serving.demo``), starts one system at a time on loopback (2 cores: never both at
+once), runs every phase of the scenario, stops it, then writes ``<out-dir>/<system>.json``,
+``comparison.json``, a plot, and prints ratios LoRAFleet / vLLM. CPU figures are only
+meaningful as ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from lorafleet.loadtest.bench import servers
+from lorafleet.loadtest.bench.scenarios import (
+    ADAPTER_RANK,
+    ADAPTER_TARGETS,
+    MODEL,
+    TENANT,
+    Scenario,
+    _workload,
+    get_scenario,
+)
+from lorafleet.loadtest.compare import compare_results, ratio
+from lorafleet.loadtest.errors import LoadTestError, ServerStartError
+from lorafleet.loadtest.report import write_json, write_report
+from lorafleet.loadtest.runner import run_workload
+from rich.console import Console
+from rich.table import Table
+
+SYSTEMS = ("vllm", "lorafleet")
+READY_TIMEOUT_S = {"vllm": 240.0, "lorafleet": 420.0}
+CPU_NOTE = "CPU run (2 cores): absolute figures are not representative; compare ratios."
+
+
+def prepare_assets(sc: Scenario, data_dir: Path, console: Console) -> tuple[Path, Path, Path]:
+    """Base model dir, preloaded-adapters dir, cold-adapters dir (built once, reused)."""
+    from lorafleet.serving.demo import make_random_adapter, prepare_base_model
+
+    model_dir = Path(prepare_base_model(data_dir / "models" / MODEL))
+    warm_dir = data_dir / "bench-adapters" / "warm"
+    cold_dir = data_dir / "bench-adapters" / "cold"
+    for folder, names in ((warm_dir, sc.adapters), (cold_dir, sc.cold_adapters)):
+        for i, name in enumerate(names):
+            out = folder / name
+            if not (out / "adapter_config.json").exists():
+                make_random_adapter(
+                    model_dir, out, rank=ADAPTER_RANK, target_modules=list(ADAPTER_TARGETS),
+                    seed=1000 + i + (500 if folder == cold_dir else 0), base_model_name=MODEL,
+                )
+    console.print(f"model {model_dir}; {len(sc.adapters)} adapters, {len(sc.cold_adapters)} cold")
+    return model_dir, warm_dir, cold_dir
+
+
+def _warmup(target: str, keys: dict[str, str | None]) -> None:
+    """Two short base-model requests so one-time costs don't land in the first phase."""
+    wl = _workload(
+        name="warmup", seed=0, duration_s=60, max_requests=2, endpoint="chat",
+        models={"entries": [{"model": MODEL}]}, arrival={"kind": "closed", "concurrency": 1},
+        prompts={"words": {"dist": "constant", "value": 4}},
+        max_tokens={"dist": "constant", "value": 4}, stream=True,
+    )
+    run_workload(wl, target, keys)
+
+
+def _run_phases(
+    system: str, sc: Scenario, target: str, keys: dict[str, str | None],
+    out_dir: Path, console: Console,
+) -> dict[str, Any]:
+    _warmup(target, keys)
+    phases: dict[str, Any] = {}
+    for phase in sc.phases:
+        console.rule(f"{system}: {sc.name}/{phase.name}")
+        doc = run_workload(phase.workload, target, keys, console=console,
+                           meta={"system": system, "phase": phase.name})
+        s = doc["summary"]
+        console.print(
+            f"  ok {s['ok']}/{s['requests']}  {s['output_tokens_per_s']:.1f} tok/s  "
+            f"TTFT p50 {s['ttft_s']['p50']}  TPOT p50 {s['tpot_s']['p50']}  errors {s['errors']}"
+        )
+        if s["errors"]:
+            first = next(r for r in doc["requests"] if r["error"])
+            console.print(f"  [yellow]first error:[/] {first['error']}")
+        write_report(doc, out_dir / system / phase.name)
+        phases[phase.name] = doc
+    return phases
+
+
+def run_system(
+    system: str, sc: Scenario, model_dir: Path, warm_dir: Path, cold_dir: Path,
+    out_dir: Path, console: Console,
+) -> dict[str, Any]:
+    port = servers.free_port()
+    log = out_dir / "logs" / f"{system}.log"
+    target = f"http://{servers.HOST}:{port}/v1"
+    t0 = time.monotonic()
+    if system == "vllm":
+        cmd, env = servers.vllm_command(
+            servers.VLLMOptions(
+                model_dir=model_dir, served_model_name=MODEL,
+                adapters={n: warm_dir / n for n in sc.adapters},
+                max_loras=sc.max_loras, max_lora_rank=ADAPTER_RANK,
+                max_cpu_loras=sc.max_cpu_loras,
+                resolver_dir=cold_dir if sc.cold_adapters else None,
+            ),
+            port,
+        )
+        with servers.running(system, cmd, env, port, log, READY_TIMEOUT_S[system]):
+            ready_s = time.monotonic() - t0
+            phases = _run_phases(system, sc, target, {TENANT: None}, out_dir, console)
+    elif system == "lorafleet":
+        admin_key = "bench-" + secrets.token_hex(8)
+        opts = servers.LoRAFleetOptions(
+            model_dir=model_dir, served_model_name=MODEL, data_dir=out_dir / "lorafleet-data",
+            admin_key=admin_key, max_loras=sc.max_loras, max_lora_rank=ADAPTER_RANK,
+            max_cpu_loras=sc.max_cpu_loras,
+        )
+        cmd, env = servers.lorafleet_command(opts, port)
+        with servers.running(system, cmd, env, port, log, READY_TIMEOUT_S[system]) as srv:
+            ready_s = time.monotonic() - t0
+            admin = servers.AdminClient(srv.base_url, admin_key)
+            try:
+                admin.create_tenant(TENANT)
+                key = admin.create_key(TENANT)
+                for name in sc.adapters:
+                    admin.add_adapter(TENANT, name, warm_dir / name, load=True)
+                for name in sc.cold_adapters:
+                    admin.add_adapter(TENANT, name, cold_dir / name, load=False)
+            finally:
+                admin.close()
+            phases = _run_phases(system, sc, target, {TENANT: key}, out_dir, console)
+    else:
+        raise LoadTestError(f"unknown system {system!r}; known: {SYSTEMS}")
+    return {"scenario": sc.name, "system": system, "ready_s": ready_s, "note": CPU_NOTE,
+            "phases": phases}
+
+
+def cold_start_figures(doc: dict[str, Any]) -> dict[str, float | None]:
+    """Cold TTFT (mean of each phase's first request) vs warm TTFT (median of the others)."""
+    from lorafleet.loadtest.metrics import percentile
+
+    cold, warm = [], []
+    for phase in doc["phases"].values():
+        reqs = sorted(phase["requests"], key=lambda r: r["index"])
+        ttfts = [r["metrics"]["ttft_s"] if r["error"] is None else None for r in reqs]
+        if ttfts and ttfts[0] is not None:
+            cold.append(ttfts[0])
+        warm += [t for t in ttfts[1:] if t is not None]
+    c = sum(cold) / len(cold) if cold else None
+    w = percentile(warm, 50)
+    return {"cold TTFT s": c, "warm TTFT p50 s": w, "cold/warm": ratio(w, c)}
+
+
+def compare_systems(sc: Scenario, base: dict[str, Any], cand: dict[str, Any]) -> dict[str, Any]:
+    """Per phase: overall comparison lorafleet / vllm (plus cold-start figures)."""
+    out: dict[str, Any] = {"scenario": sc.name, "ratio": "lorafleet / vllm", "note": CPU_NOTE,
+                           "phases": {}}
+    for name in base["phases"]:
+        if name in cand["phases"]:
+            out["phases"][name] = compare_results(
+                base["phases"][name], cand["phases"][name], "vllm", "lorafleet"
+            )
+    if sc.name == "cold-start":
+        fb, fc = cold_start_figures(base), cold_start_figures(cand)
+        out["cold_start"] = {
+            k: {"a": fb[k], "b": fc[k], "ratio": ratio(fb[k], fc[k])} for k in fb
+        }
+    return out
+
+
+def _headline_rows(sc: Scenario, docs: dict[str, dict[str, Any]]) -> list[tuple[str, list[Any]]]:
+    """(label, [value per system]) rows of the scenario's headline figures."""
+    from lorafleet.loadtest.compare import FIGURES, _get
+
+    paths = {label: path for label, path, _ in FIGURES}
+    rows: list[tuple[str, list[Any]]] = []
+    if sc.name == "cold-start":
+        figs = {s: cold_start_figures(d) for s, d in docs.items()}
+        for label in sc.headline:
+            rows.append((label, [figs[s][label] for s in docs]))
+        return rows
+    first = next(iter(docs.values()))
+    for phase in first["phases"]:
+        for label in sc.headline:
+            vals = []
+            for d in docs.values():
+                p = d["phases"].get(phase)
+                vals.append(_get(p["summary"], paths[label]) if p else None)
+            rows.append((f"{phase}: {label}", vals))
+    return rows
+
+
+def print_table(sc: Scenario, docs: dict[str, dict[str, Any]], console: Console) -> None:
+    table = Table(title=f"bench {sc.name}: {sc.description}", caption=CPU_NOTE)
+    table.add_column("figure")
+    for system in docs:
+        table.add_column(system, justify="right")
+    both = list(docs) == list(SYSTEMS)
+    if both:
+        table.add_column("lorafleet/vllm", justify="right")
+    for label, vals in _headline_rows(sc, docs):
+        cells = ["-" if v is None else f"{v:.3g}" for v in vals]
+        if both:
+            r = ratio(vals[0], vals[1])
+            cells.append("-" if r is None else f"{r:.2f}x")
+        table.add_row(label, *cells)
+    console.print(table)
+
+
+def plot(sc: Scenario, docs: dict[str, dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _headline_rows(sc, docs)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(7, 1.1 * len(rows) + 0.5), squeeze=False)
+    for ax, (label, vals) in zip(axes[:, 0], rows, strict=True):
+        ax.barh(list(docs), [v or 0 for v in vals], color=["tab:gray", "tab:blue"][: len(vals)])
+        ax.set_title(label, fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(f"{sc.name} ({CPU_NOTE})", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def run_bench(
+    scenario: str, *, out_dir: Path, quick: bool, systems: list[str], data_dir: Path,
+    console: Console,
+) -> dict[str, Any]:
+    """Run a scenario on each system in turn; write results, comparison and plot."""
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown or not systems:
+        raise LoadTestError(f"systems must be among {SYSTEMS}, got {systems}")
+    try:
+        sc = get_scenario(scenario, quick)
+    except ValueError as exc:
+        raise LoadTestError(str(exc)) from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]bench {sc.name}[/] ({'quick' if quick else 'full'}): {sc.description}")
+    console.print(CPU_NOTE)
+    model_dir, warm_dir, cold_dir = prepare_assets(sc, data_dir.resolve(), console)
+    docs: dict[str, dict[str, Any]] = {}
+    t0 = time.monotonic()
+    for system in [s for s in SYSTEMS if s in systems]:
+        try:
+            docs[system] = run_system(system, sc, model_dir, warm_dir, cold_dir, out_dir, console)
+        except ServerStartError as exc:
+            console.print(f"[red]{system} failed:[/] {exc}")
+            continue
+        write_json(docs[system], out_dir / f"{system}.json")
+    if not docs:
+        raise LoadTestError("no system could be benchmarked (see the errors above)")
+    if set(docs) == set(SYSTEMS):
+        cmp = compare_systems(sc, docs["vllm"], docs["lorafleet"])
+        (out_dir / "comparison.json").write_text(json.dumps(cmp, indent=1))
+    print_table(sc, docs, console)
+    png = plot(sc, docs, out_dir / f"{sc.name}.png")
+    console.print(f"results in {out_dir} ({png.name}); took {time.monotonic() - t0:.0f} s")
+    return docs
