@@ -165,8 +165,8 @@ def _extract_zip(archive: Path, dest: Path, budget: _Budget) -> None:
             declared = 0
             for info in infos:
                 decide_member_path(info.filename)
-                mode = info.external_attr >> 16
-                if stat.S_ISLNK(mode) or (mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
+                file_type = stat.S_IFMT(info.external_attr >> 16)  # 0 when not recorded
+                if file_type not in (0, stat.S_IFREG, stat.S_IFDIR):
                     raise AdapterValidationError(
                         f"archive member {info.filename!r} is a link or device",
                         "symlink_forbidden")

@@ -210,10 +210,8 @@ class RedisRegistry(Registry):
 
     async def list_adapters(self, tenant: str | None = None) -> list[AdapterRecord]:
         async with self._guard():
-            if tenant is None:
-                tenants = sorted(await self._redis.smembers(self._k("tenants")))
-            else:
-                tenants = [tenant]
+            tenants = [tenant] if tenant is not None else \
+                sorted(await self._redis.smembers(self._k("tenants")))
             records: list[AdapterRecord] = []
             for t in tenants:
                 raws: dict[str, Any] = await self._redis.hgetall(self._k("tenant", t, "adapters"))
