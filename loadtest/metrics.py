@@ -127,7 +127,9 @@ def simulate_reader(token_times: Sequence[float], rate: float) -> ReaderOutcome:
     if rate <= 0:
         raise ValueError(f"reader rate must be > 0, got {rate}")
     times = sorted(token_times)
-    step = 0.0 if math.isinf(rate) else 1.0 / rate
+    if math.isinf(rate):  # no reader: the client takes tokens as they come
+        return ReaderOutcome(on_time=len(times), stall_s=0.0, read_end_s=times[-1])
+    step = 1.0 / rate
     read_at = times[0]
     on_time = 1
     stall = 0.0
