@@ -32,7 +32,23 @@ def test_styles():
     for example in build_dataset("pirate"):
         assert "matey" in example.assistant.lower() or "hearty" in example.assistant.lower()
         assert "arr" in example.assistant.lower()
-    french_words = {"le", "la", "les", "est", "de", "des", "du", "a", "il", "un", "une", "font", "on"}
+    french_words = {
+        "le",
+        "la",
+        "les",
+        "est",
+        "de",
+        "des",
+        "du",
+        "a",
+        "il",
+        "un",
+        "une",
+        "font",
+        "on",
+        "l",
+        "à",
+    }
     for example in build_dataset("french"):
         words = set(example.assistant.lower().replace("'", " ").split())
         assert words & french_words, example.assistant
