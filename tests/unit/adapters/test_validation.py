@@ -206,3 +206,35 @@ def test_malformed_headers(header: bytes, data: bytes, make_adapter: Any,
     path = make_adapter()
     _write_raw(path / "adapter_model.safetensors", header, data=data)
     assert _refused(path, tiny_base, limits).code == "bad_header"
+
+
+def test_bfloat16_checked_for_non_finite(make_adapter: Any, tiny_base: BaseModelInfo,
+                                         limits: ValidationLimits) -> None:
+    """numpy has no bf16: build the file by hand (bf16 = the top 16 bits of a float32)."""
+    path = make_adapter(dtype=np.float32)
+    weights_path = path / "adapter_model.safetensors"
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(weights_path))
+
+    def write(poison: bool) -> None:
+        header: dict[str, Any] = {}
+        chunks = []
+        offset = 0
+        for name in sorted(tensors):
+            values = tensors[name].copy()
+            if poison and name == Q_A:
+                values[0, 0] = np.inf
+            raw = (values.view(np.uint32) >> 16).astype("<u2").tobytes()
+            header[name] = {"dtype": "BF16", "shape": list(values.shape),
+                            "data_offsets": [offset, offset + len(raw)]}
+            chunks.append(raw)
+            offset += len(raw)
+        encoded = json.dumps(header).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        weights_path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + b"".join(chunks))
+
+    write(poison=False)
+    validate_adapter_dir(path, tiny_base, limits)
+    write(poison=True)
+    assert _refused(path, tiny_base, limits).code == "bad_tensor"
