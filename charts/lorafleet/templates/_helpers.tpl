@@ -1,0 +1,201 @@
+{{/*
+Names, labels and shared fragments. Every resource takes its labels from here.
+*/}}
+
+{{- define "lorafleet.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "lorafleet.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "lorafleet.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Selector labels: stable across upgrades, so never the chart version. */}}
+{{- define "lorafleet.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "lorafleet.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "lorafleet.labels" -}}
+helm.sh/chart: {{ include "lorafleet.chart" . }}
+{{ include "lorafleet.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: lorafleet
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Labels of one component: include "lorafleet.componentLabels" (dict "ctx" $ "component" "serving") */}}
+{{- define "lorafleet.componentLabels" -}}
+{{ include "lorafleet.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "lorafleet.componentSelectorLabels" -}}
+{{ include "lorafleet.selectorLabels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* image reference with an optional digest: registry/repo:tag[@digest] */}}
+{{- define "lorafleet.imageRef" -}}
+{{- $ref := printf "%s/%s:%s" .registry .repository (toString .tag) -}}
+{{- if .digest -}}{{- $ref = printf "%s@%s" $ref .digest -}}{{- end -}}
+{{- $ref -}}
+{{- end -}}
+
+{{- define "lorafleet.image" -}}
+{{- include "lorafleet.imageRef" .Values.image -}}
+{{- end -}}
+
+{{/* Secrets: the admin key and the registry URL. */}}
+{{- define "lorafleet.adminSecretName" -}}
+{{- default (printf "%s-admin" (include "lorafleet.fullname" .)) .Values.auth.existingSecret -}}
+{{- end -}}
+
+{{- define "lorafleet.redisFullname" -}}
+{{- printf "%s-redis" (include "lorafleet.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "lorafleet.redisPasswordSecretName" -}}
+{{- default (include "lorafleet.redisFullname" .) .Values.redis.existingSecret -}}
+{{- end -}}
+
+{{- define "lorafleet.redisPasswordSecretKey" -}}
+{{- if .Values.redis.existingSecret -}}{{ .Values.redis.existingSecretPasswordKey }}{{- else -}}redis-password{{- end -}}
+{{- end -}}
+
+{{/*
+Environment shared by serving and operator containers. Credentials come from Secrets only:
+the admin key, and either the bundled Redis password (the URL is assembled by the kubelet
+through $(VAR) expansion, so no password appears in the pod spec) or the whole URL of an
+external Redis.
+*/}}
+{{- define "lorafleet.registryEnv" -}}
+{{- if .Values.redis.enabled }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "lorafleet.redisPasswordSecretName" . }}
+      key: {{ include "lorafleet.redisPasswordSecretKey" . }}
+- name: LORAFLEET_REGISTRY_URL
+  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s.%s.svc:6379/0" (include "lorafleet.redisFullname" .) .Release.Namespace | quote }}
+{{- else }}
+- name: LORAFLEET_REGISTRY_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ required "redis.external.existingSecret is required when redis.enabled is false" .Values.redis.external.existingSecret }}
+      key: {{ .Values.redis.external.existingSecretKey }}
+{{- end }}
+{{- end -}}
+
+{{/* Credentials of serving containers (ServeSettings reads LORAFLEET_*). */}}
+{{- define "lorafleet.secretEnv" -}}
+- name: LORAFLEET_ADMIN_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "lorafleet.adminSecretName" . }}
+      key: {{ .Values.auth.existingSecretKey }}
+{{ include "lorafleet.registryEnv" . | trim }}
+{{- end -}}
+
+{{- define "lorafleet.servingServiceAccountName" -}}
+{{- if .Values.serving.serviceAccount.create -}}
+{{- default (printf "%s-serving" (include "lorafleet.fullname" .)) .Values.serving.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serving.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "lorafleet.operatorServiceAccountName" -}}
+{{- if .Values.operator.serviceAccount.create -}}
+{{- default (printf "%s-operator" (include "lorafleet.fullname" .)) .Values.operator.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.operator.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "lorafleet.operatorNamespace" -}}
+{{- default .Release.Namespace .Values.operator.watchNamespace -}}
+{{- end -}}
+
+{{/*
+The job label Prometheus gives the serving targets. The recording and alerting rules in
+files/prometheus-rules.yaml select on it, so it is a constant, not derived from the release.
+*/}}
+{{- define "lorafleet.servingJob" -}}lorafleet-serving{{- end -}}
+{{- define "lorafleet.operatorJob" -}}lorafleet-operator{{- end -}}
+
+{{/* The CRDs shipped in crds/, parsed: a list of {group, plural} used to build the operator's RBAC. */}}
+{{- define "lorafleet.crdResources" -}}
+{{- $out := list -}}
+{{- range $path, $_ := .Files.Glob "crds/*.yaml" -}}
+{{- range $doc := regexSplit "(?m)^---\\s*$" ($.Files.Get $path) -1 -}}
+{{- $obj := fromYaml $doc -}}
+{{- if and $obj (eq (get $obj "kind") "CustomResourceDefinition") -}}
+{{- $out = append $out (dict "group" $obj.spec.group "plural" $obj.spec.names.plural) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- toJson (dict "items" $out) -}}
+{{- end -}}
+
+{{/* Volumes and mounts of serving containers. */}}
+{{- define "lorafleet.servingVolumes" -}}
+{{- if not .withoutModel }}
+- name: model
+  {{- toYaml .ctx.Values.serving.model.volume | nindent 2 }}
+{{- end }}
+- name: data
+  {{- toYaml .ctx.Values.serving.dataVolume | nindent 2 }}
+- name: dshm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .ctx.Values.serving.shmSizeLimit }}
+- name: tmp
+  emptyDir: {}
+{{- end -}}
+
+{{- define "lorafleet.servingVolumeMounts" -}}
+{{- if not .withoutModel }}
+- name: model
+  mountPath: {{ .ctx.Values.serving.model.mountPath }}
+  readOnly: true
+{{- end }}
+- name: data
+  mountPath: /data
+- name: dshm
+  mountPath: /dev/shm
+- name: tmp
+  mountPath: /tmp
+{{- end -}}
+
+{{- define "lorafleet.modelDir" -}}
+{{- if .Values.serving.model.subPath -}}
+{{- printf "%s/%s" (trimSuffix "/" .Values.serving.model.mountPath) .Values.serving.model.subPath -}}
+{{- else -}}
+{{- .Values.serving.model.mountPath -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "lorafleet.servingPodLabels" -}}
+{{ include "lorafleet.componentLabels" (dict "ctx" . "component" "serving") }}
+lorafleet.io/scrape-job: {{ include "lorafleet.servingJob" . }}
+{{- with .Values.serving.podLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
