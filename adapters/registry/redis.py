@@ -20,7 +20,7 @@ exist, the key must not) WATCH the keys they read and retry if another client ch
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -41,6 +41,11 @@ __all__ = ["RedisRegistry"]
 
 T = TypeVar("T")
 _MAX_WATCH_RETRIES = 50
+
+
+def _strs(values: Iterable[bytes | str]) -> list[str]:
+    """Sorted str values (the client decodes responses; redis-py's types do not know that)."""
+    return sorted(v.decode() if isinstance(v, bytes) else v for v in values)
 
 
 def _redact(url: str) -> str:
@@ -110,7 +115,7 @@ class RedisRegistry(Registry):
 
     async def list_tenants(self) -> list[Tenant]:
         async with self._guard():
-            names = sorted(await self._redis.smembers(self._k("tenants")))
+            names = _strs(await self._redis.smembers(self._k("tenants")))
             raws = await self._redis.mget([self._k("tenant", n) for n in names]) if names else []
         return [Tenant.from_dict(json.loads(r)) for r in raws if r]
 
@@ -121,9 +126,9 @@ class RedisRegistry(Registry):
         async def body(pipe: Pipeline) -> None:
             if not await pipe.exists(self._k("tenant", name)):
                 raise NotFound(f"tenant {name!r} does not exist")
-            key_ids = await pipe.smembers(keys_set)
+            key_ids = _strs(await pipe.smembers(keys_set))
             key_raws = await pipe.mget([self._k("key", k) for k in key_ids]) if key_ids else []
-            adapter_names = await pipe.hkeys(adapters)
+            adapter_names = _strs(await pipe.hkeys(adapters))
             pipe.multi()
             for raw in key_raws:
                 if raw:
@@ -158,7 +163,7 @@ class RedisRegistry(Registry):
     async def find_key(self, key_hash: str) -> ApiKey | None:
         async with self._guard():
             key_id = await self._redis.get(self._k("keyhash", key_hash))
-            raw = await self._redis.get(self._k("key", key_id)) if key_id else None
+            raw = await self._redis.get(self._k("key", str(key_id))) if key_id else None
         if not raw:
             return None
         key = ApiKey.from_dict(json.loads(raw))
@@ -179,7 +184,7 @@ class RedisRegistry(Registry):
 
     async def list_keys(self, tenant: str) -> list[ApiKey]:
         async with self._guard():
-            ids = await self._redis.smembers(self._k("tenant", tenant, "keys"))
+            ids = _strs(await self._redis.smembers(self._k("tenant", tenant, "keys")))
             raws = await self._redis.mget([self._k("key", i) for i in ids]) if ids else []
         keys = [ApiKey.from_dict(json.loads(r)) for r in raws if r]
         return sorted(keys, key=lambda k: (k.created_at, k.key_id))
@@ -211,16 +216,16 @@ class RedisRegistry(Registry):
     async def list_adapters(self, tenant: str | None = None) -> list[AdapterRecord]:
         async with self._guard():
             tenants = [tenant] if tenant is not None else \
-                sorted(await self._redis.smembers(self._k("tenants")))
+                _strs(await self._redis.smembers(self._k("tenants")))
             records: list[AdapterRecord] = []
             for t in tenants:
-                raws: dict[str, Any] = await self._redis.hgetall(self._k("tenant", t, "adapters"))
+                raws: dict[Any, Any] = await self._redis.hgetall(self._k("tenant", t, "adapters"))
                 records.extend(AdapterRecord.from_dict(json.loads(raws[n])) for n in sorted(raws))
         return records
 
     async def list_shared_adapters(self) -> list[AdapterRecord]:
         async with self._guard():
-            members = sorted(await self._redis.smembers(self._k("shared")))
+            members = _strs(await self._redis.smembers(self._k("shared")))
             records = []
             for member in members:
                 tenant, _, name = member.partition("/")
@@ -252,8 +257,8 @@ class RedisRegistry(Registry):
 
     async def get_replica_adapters(self) -> dict[str, list[str]]:
         async with self._guard():
-            raws = await self._redis.hgetall(self._k("replicas"))
-        return {rid: json.loads(raws[rid]) for rid in sorted(raws)}
+            raws: dict[Any, Any] = await self._redis.hgetall(self._k("replicas"))
+        return {rid: json.loads(raws[rid]) for rid in _strs(raws)}
 
     async def remove_replica(self, replica_id: str) -> None:
         async def body(pipe: Pipeline) -> None:
