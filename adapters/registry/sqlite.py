@@ -91,6 +91,7 @@ class SQLiteRegistry(Registry):
         self._busy_timeout_s = busy_timeout_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafleet-sqlite")
         self._conn: sqlite3.Connection | None = None  # created and used on the worker only
+        self._closed = False
 
     # --- plumbing ---
 
@@ -282,6 +283,10 @@ class SQLiteRegistry(Registry):
         return int(row[0])
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+
         def shut() -> None:
             if self._conn is not None:
                 self._conn.close()
