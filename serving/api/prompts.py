@@ -1,0 +1,83 @@
+"""Turning OpenAI messages and prompts into token ids, and checking them against the context.
+
+Boundary: owns the tokenizer (loaded once from the model directory). The engine receives
+token ids only, so the context-length check happens here, before anything is queued.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ContextLengthExceeded, InvalidRequest
+from .schemas import ChatMessage
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    token_ids: tuple[int, ...]
+    max_tokens: int
+
+
+def decide_max_tokens(prompt_len: int, requested: int | None, max_model_len: int) -> int:
+    """The output limit for a prompt, or ContextLengthExceeded with OpenAI's wording."""
+    if prompt_len >= max_model_len:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"prompt has {prompt_len} tokens. Please reduce the length of the prompt.",
+            param="messages",
+        )
+    room = max_model_len - prompt_len
+    if requested is None:
+        return room
+    if requested > room:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
+            f"{requested} for the completion). Please reduce the length of the prompt or "
+            "the completion.",
+            param="max_tokens",
+        )
+    return requested
+
+
+class PromptRenderer:
+    """Chat template and tokenizer of the base model."""
+
+    def __init__(self, tokenizer: Any, max_model_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str, max_model_len: int) -> PromptRenderer:
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(model_dir), max_model_len)
+
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def chat(self, messages: list[ChatMessage], max_tokens: int | None) -> RenderedPrompt:
+        conversation = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in messages
+        ]
+        ids = self.tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        ids = tuple(int(t) for t in ids)
+        return RenderedPrompt(ids, decide_max_tokens(len(ids), max_tokens, self.max_model_len))
+
+    def completion(self, prompt: str | list[int], max_tokens: int | None) -> RenderedPrompt:
+        if isinstance(prompt, str):
+            ids = tuple(self.tokenizer.encode(prompt, add_special_tokens=False))
+        else:
+            vocab = self.vocab_size()
+            if any(t < 0 or t >= vocab for t in prompt):
+                raise InvalidRequest(f"Token ids must be in [0, {vocab}).", param="prompt")
+            ids = tuple(prompt)
+        if not ids:
+            raise InvalidRequest("The prompt is empty.", param="prompt")
+        return RenderedPrompt(ids, decide_max_tokens(len(ids), max_tokens, self.max_model_len))

@@ -1,0 +1,61 @@
+"""The objects the HTTP layer works with, gathered in one place and injected into the app.
+
+Boundary: a plain container, built by ``lorafleet.serving.deploy`` (Ray) or by tests.
+Nothing here starts threads, engines or servers.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorafleet.adapters.basemodel import BaseModelInfo
+from lorafleet.adapters.keys import hash_key
+from lorafleet.adapters.registry import Registry
+
+from ..engine.client import EngineClient
+from ..metrics import ServingMetrics
+from .errors import AuthenticationFailed
+from .prompts import PromptRenderer
+from .quotas import QuotaBook
+from .tenancy import Tenancy, bearer_token
+
+
+@dataclass(frozen=True)
+class AdapterIntake:
+    """What the admin API needs to fetch, validate and cache adapters."""
+
+    base: BaseModelInfo
+    cache_dir: Path
+    work_dir: Path
+    max_rank: int
+    max_bytes: int
+    cache_bytes: int
+
+
+@dataclass
+class ApiServices:
+    served_model_name: str
+    registry: Registry
+    engines: EngineClient
+    renderer: PromptRenderer
+    admin_key_hash: str
+    intake: AdapterIntake | None = None
+    metrics: ServingMetrics = field(default_factory=ServingMetrics)
+    quotas: QuotaBook = field(default_factory=QuotaBook)
+    clock: Callable[[], float] = time.monotonic
+    wall_clock: Callable[[], float] = time.time
+    max_body_bytes: int = 1_000_000
+    tenancy: Tenancy = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tenancy = Tenancy(self.registry, self.served_model_name, clock=self.clock)
+
+    def check_admin(self, authorization: str | None) -> None:
+        token = bearer_token(authorization)
+        if not hmac.compare_digest(hash_key(token), self.admin_key_hash):
+            # Same answer for a tenant key and a wrong key: admin routes reveal nothing.
+            raise AuthenticationFailed("Incorrect admin credential provided.")

@@ -1,0 +1,68 @@
+"""Building the API's services from settings: registry, tokenizer, adapter intake, keys.
+
+Boundary: the one place that turns configuration into live objects for the ingress; used by
+the Ray ingress deployment and by tests (which pass a ``LocalEngineClient``).
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from lorafleet.adapters.basemodel import load_base_model_info
+from lorafleet.adapters.keys import hash_key
+from lorafleet.adapters.registry import open_registry
+
+from .api.prompts import PromptRenderer
+from .api.services import AdapterIntake, ApiServices
+from .config import EngineConfig
+from .engine.client import EngineClient
+from .metrics import ServingMetrics
+
+
+def load_or_create_admin_key(data_dir: Path, given: str | None) -> str:
+    """The admin key: the one given, else the one in ``data_dir/admin.key``, else a new one."""
+    if given:
+        return given
+    path = data_dir / "admin.key"
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key = "lfadmin_" + secrets.token_urlsafe(32)
+    path.write_text(key + "\n")
+    path.chmod(0o600)
+    return key
+
+
+def make_services(
+    *,
+    engine_config: EngineConfig,
+    engines: EngineClient,
+    registry_url: str,
+    data_dir: Path,
+    admin_key: str,
+    max_body_bytes: int = 1_000_000,
+    top_k_adapters: int = 20,
+    adapter_max_bytes: int = 512 * 2**20,
+    adapter_cache_bytes: int = 10 * 2**30,
+) -> ApiServices:
+    intake = AdapterIntake(
+        base=load_base_model_info(engine_config.model_dir, engine_config.served_model_name),
+        cache_dir=data_dir / "adapter-cache",
+        work_dir=data_dir / "tmp",
+        max_rank=engine_config.max_lora_rank,
+        max_bytes=adapter_max_bytes,
+        cache_bytes=adapter_cache_bytes,
+    )
+    intake.cache_dir.mkdir(parents=True, exist_ok=True)
+    intake.work_dir.mkdir(parents=True, exist_ok=True)
+    return ApiServices(
+        served_model_name=engine_config.served_model_name,
+        registry=open_registry(registry_url),
+        engines=engines,
+        renderer=PromptRenderer.from_model_dir(engine_config.model_dir, engine_config.max_model_len),
+        admin_key_hash=hash_key(admin_key),
+        intake=intake,
+        metrics=ServingMetrics(top_k_adapters),
+        max_body_bytes=max_body_bytes,
+    )

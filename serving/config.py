@@ -1,0 +1,80 @@
+"""Configuration of the serving tier: pydantic models, environment read once.
+
+Boundary: declarations and validation only, no I/O. ``ServeSettings`` is what
+``lorafleet serve`` builds from flags and ``LORAFLEET_*`` environment variables;
+``EngineConfig`` is the part an engine replica needs (it travels to Ray actors).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class EngineConfig(BaseModel):
+    """How one vLLM engine replica is built."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_dir: str = Field(description="Directory of the base model (HF layout, safetensors).")
+    served_model_name: str = Field(description="Name of the base model in the API and in adapters.")
+    dtype: str = Field(default="bfloat16", description="Weights and activations dtype.")
+    max_model_len: int = Field(default=2048, ge=64, description="Context length (prompt + output).")
+    max_num_seqs: int = Field(default=64, ge=1, description="Most sequences in one batch.")
+    max_loras: int = Field(default=4, ge=1, description="Adapter slots in one batch.")
+    max_lora_rank: int = Field(default=16, ge=1, description="Largest adapter rank accepted.")
+    max_cpu_loras: int = Field(
+        default=32, ge=1, description="Adapters kept resident in host memory per replica (LRU)."
+    )
+    kv_cache_bytes: int = Field(
+        default=2 * 2**30, ge=2**20, description="KV cache size of one replica, in bytes."
+    )
+    block_size: int = Field(default=32, description="KV block size in tokens (multiple of 32 on CPU).")
+    multiprocessing: bool = Field(
+        default=True,
+        description="Run vLLM's engine core in its own process (False: in-process, for tests).",
+    )
+    reserved_cpus: int = Field(
+        default=0,
+        ge=0,
+        description="CPU cores vLLM keeps free of compute threads (VLLM_CPU_NUM_OF_RESERVED_CPU).",
+    )
+    seed: int = Field(default=0, description="Engine seed.")
+
+
+class ServeSettings(BaseSettings):
+    """Everything ``lorafleet serve`` needs; flags override ``LORAFLEET_*`` variables."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAFLEET_", extra="forbid")
+
+    host: str = Field(default="127.0.0.1", description="Address the HTTP API listens on.")
+    port: int = Field(default=8000, description="Port the HTTP API listens on.")
+    data_dir: Path = Field(
+        default=Path(".lorafleet"), description="Models, adapter cache, registry, admin key."
+    )
+    registry_url: str | None = Field(
+        default=None, description="sqlite:///path or redis://host:port/db; default: SQLite in data_dir."
+    )
+    admin_key: str | None = Field(
+        default=None, description="Admin credential; generated into data_dir/admin.key if unset."
+    )
+    replicas: int = Field(default=1, ge=1, description="Engine replicas (Ray Serve deployments).")
+    ray_address: str | None = Field(
+        default=None, description="Ray cluster to attach to; a local Ray is started when unset."
+    )
+    max_body_bytes: int = Field(default=1_000_000, description="Largest request body accepted.")
+    metrics_top_adapters: int = Field(
+        default=20, ge=0, description="Adapters labelled by name in metrics; the rest are 'other'."
+    )
+    adapter_max_bytes: int = Field(default=512 * 2**20, description="Largest adapter accepted.")
+    adapter_cache_bytes: int = Field(
+        default=10 * 2**30, description="Bound of the on-disk adapter cache."
+    )
+
+    def registry(self) -> str:
+        """The registry URL, defaulting to SQLite inside the data directory."""
+        if self.registry_url:
+            return self.registry_url
+        return f"sqlite:///{(self.data_dir / 'registry.db').resolve()}"

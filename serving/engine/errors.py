@@ -1,0 +1,30 @@
+"""Engine errors.
+
+    EngineError                  any failure inside an engine replica
+    ├── EngineOverloaded         the replica cannot take more work now (-> 503, retry)
+    ├── AdapterLoadError         an adapter could not be made resident (-> 422/503)
+    │   └── AdapterBusy          unload refused: requests are still using it
+    └── EngineDead               the engine crashed; the replica must be replaced (-> 503)
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class of engine failures."""
+
+
+class EngineOverloaded(EngineError):
+    """No capacity for another request right now."""
+
+
+class AdapterLoadError(EngineError):
+    """The adapter could not be loaded into the engine."""
+
+
+class AdapterBusy(AdapterLoadError):
+    """The adapter is in use and cannot be unloaded now."""
+
+
+class EngineDead(EngineError):
+    """The engine is no longer usable."""

@@ -1,0 +1,84 @@
+"""The engine protocol: the small async surface the rest of LoRAFleet sees of an engine.
+
+Boundary: plain frozen dataclasses in, plain frozen dataclasses out. Nothing here knows
+about HTTP, tenants or Ray. The vLLM implementation is ``vllm_engine.VLLMEngine``;
+fast API unit tests may inject a deterministic fake that satisfies the same protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """An adapter as the engine sees it: a stable id and a local directory."""
+
+    adapter_id: str
+    path: str
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Per-request sampling knobs (already validated by the API layer)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One sequence to generate: prompt tokens, an optional adapter, sampling options."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingOptions
+    adapter: AdapterRef | None = None
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """New output since the previous delta of the same request."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of an engine replica, for /admin and the router."""
+
+    replica_id: str
+    resident_adapters: tuple[str, ...]
+    in_flight: int
+    max_loras: int
+    max_cpu_loras: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What an engine replica must do. Kept deliberately small."""
+
+    async def start(self) -> None: ...
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]: ...
+
+    async def load_adapter(self, adapter: AdapterRef) -> float:
+        """Make the adapter resident; return the seconds it took (0.0 if it already was)."""
+        ...
+
+    async def unload_adapter(self, adapter_id: str) -> bool: ...
+
+    async def stats(self) -> EngineStats: ...
+
+    async def shutdown(self) -> None: ...

@@ -1,0 +1,184 @@
+"""The vLLM engine: an in-process ``AsyncLLM`` with multi-LoRA, behind the engine protocol.
+
+Boundary: this is the only module that imports vLLM's engine. It takes token ids (the
+API layer renders prompts), returns ``TokenDelta``s, and keeps adapters resident with an
+LRU bounded by ``max_cpu_loras`` that never drops an adapter under a running request.
+A cancelled consumer (client disconnect) aborts the request inside vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ..config import EngineConfig
+from .errors import AdapterBusy, AdapterLoadError, EngineDead
+from .protocol import AdapterRef, EngineStats, GenerateRequest, TokenDelta
+from .residency import AdapterResidency
+
+log = logging.getLogger(__name__)
+
+
+def _apply_vllm_environment(config: EngineConfig) -> None:
+    """vLLM reads these from the environment; set them before the engine is built."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if config.multiprocessing else "0"
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(config.reserved_cpus))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+class VLLMEngine:
+    """One engine replica. Create, ``await start()``, then ``generate`` concurrently."""
+
+    def __init__(self, config: EngineConfig, replica_id: str = "replica-0") -> None:
+        self.config = config
+        self.replica_id = replica_id
+        self._llm: Any = None
+        self._residency = AdapterResidency(config.max_cpu_loras)
+        # Serialises adapter loads/unloads so two requests never load the same adapter twice
+        # and an eviction never races a load. Generation itself never holds it.
+        self._adapter_lock = asyncio.Lock()
+        self._in_flight = 0
+
+    async def start(self) -> None:
+        _apply_vllm_environment(self.config)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        c = self.config
+        args = AsyncEngineArgs(
+            model=c.model_dir,
+            served_model_name=[c.served_model_name],
+            tokenizer=c.model_dir,
+            dtype=c.dtype,
+            max_model_len=c.max_model_len,
+            max_num_seqs=c.max_num_seqs,
+            enable_lora=True,
+            max_loras=c.max_loras,
+            max_lora_rank=c.max_lora_rank,
+            max_cpu_loras=c.max_cpu_loras,
+            kv_cache_memory_bytes=c.kv_cache_bytes,
+            block_size=c.block_size,
+            seed=c.seed,
+            disable_log_stats=False,
+            enable_log_requests=False,
+        )
+        self._llm = AsyncLLM.from_engine_args(args)
+
+    @property
+    def llm(self) -> Any:
+        if self._llm is None:
+            raise EngineDead("engine not started")
+        return self._llm
+
+    # -- adapters ---------------------------------------------------------------------
+
+    async def load_adapter(self, adapter: AdapterRef) -> float:
+
+        async with self._adapter_lock:
+            if adapter.adapter_id in self._residency:
+                return 0.0
+            try:
+                victim = self._residency.victim_for(adapter.adapter_id)
+            except LookupError as e:
+                raise AdapterBusy(f"replica {self.replica_id}: {e}") from e
+            if victim is not None:
+                await self._drop(victim)
+            resident = self._residency.add(adapter.adapter_id, adapter.path)
+            started = time.perf_counter()
+            try:
+                await self.llm.add_lora(self._lora_request(resident.lora_int_id, adapter))
+            except Exception as e:  # vLLM raises plain exceptions for bad adapters
+                self._residency.remove(adapter.adapter_id)
+                raise AdapterLoadError(f"adapter {adapter.adapter_id} failed to load: {e}") from e
+            return time.perf_counter() - started
+
+    async def unload_adapter(self, adapter_id: str) -> bool:
+        async with self._adapter_lock:
+            resident = self._residency.get(adapter_id)
+            if resident is None:
+                return False
+            if resident.in_flight:
+                raise AdapterBusy(f"adapter {adapter_id} has {resident.in_flight} running requests")
+            await self._drop(adapter_id)
+            return True
+
+    async def _drop(self, adapter_id: str) -> None:
+        resident = self._residency.remove(adapter_id)
+        if resident is not None:
+            await self.llm.remove_lora(resident.lora_int_id)
+
+    @staticmethod
+    def _lora_request(int_id: int, adapter: AdapterRef) -> Any:
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(adapter.adapter_id, int_id, adapter.path)
+
+    # -- generation -------------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        lora = None
+        if request.adapter is not None:
+            await self.load_adapter(request.adapter)
+            resident = self._residency.acquire(request.adapter.adapter_id)
+            lora = self._lora_request(resident.lora_int_id, request.adapter)
+        s = request.sampling
+        params = SamplingParams(
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            seed=s.seed,
+            stop=list(s.stop) or None,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        self._in_flight += 1
+        finished = False
+        try:
+            stream = self.llm.generate(
+                {"prompt_token_ids": list(request.prompt_token_ids)},
+                params,
+                request.request_id,
+                lora_request=lora,
+                priority=request.priority,
+            )
+            async for out in stream:
+                completion = out.outputs[0]
+                finished = out.finished
+                reason = completion.finish_reason if out.finished else None
+                yield TokenDelta(
+                    text=completion.text,
+                    token_ids=tuple(completion.token_ids),
+                    finish_reason=reason if reason in ("stop", "length", "abort") else (
+                        "stop" if out.finished else None
+                    ),
+                )
+        finally:
+            self._in_flight -= 1
+            if request.adapter is not None:
+                self._residency.release(request.adapter.adapter_id)
+            if not finished and self._llm is not None:
+                # Consumer went away (client disconnect, cancellation): free the KV now.
+                await asyncio.shield(self._llm.abort(request.request_id))
+
+    # -- introspection ----------------------------------------------------------------
+
+    async def stats(self) -> EngineStats:
+        return EngineStats(
+            replica_id=self.replica_id,
+            resident_adapters=self._residency.ids(),
+            in_flight=self._in_flight,
+            max_loras=self.config.max_loras,
+            max_cpu_loras=self.config.max_cpu_loras,
+        )
+
+    async def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None

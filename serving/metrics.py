@@ -1,0 +1,156 @@
+"""Prometheus metrics of the serving tier, per tenant and per adapter, with bounded labels.
+
+Boundary: metric objects and the label policy. Names and labels are the contract in
+``docs/contracts.md``. Each ``ServingMetrics`` owns its own ``CollectorRegistry`` so tests
+(and several apps in one process) never collide.
+
+Cardinality: ``adapter`` is ``base`` for the base model; an adapter gets its own label
+value (``tenant/name``) once it has served ``min_requests`` requests while fewer than
+``top_k`` adapters are named; every other adapter is pooled under ``other``. The busiest
+adapters reach the threshold first, and the number of series stays bounded by
+``(top_k + 2) * tenants``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as _Counter
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+BASE_LABEL = "base"
+OTHER_LABEL = "other"
+
+# Buckets chosen for CPU and GPU alike: TTFT from 10 ms to 2 min, TPOT from 1 ms to 5 s.
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class AdapterLabeler:
+    """Maps an adapter to a bounded label value (see the module docstring)."""
+
+    def __init__(self, top_k: int, min_requests: int = 3) -> None:
+        self.top_k = top_k
+        self.min_requests = min_requests
+        self._named: set[str] = set()
+        self._seen: _Counter[str] = _Counter()
+
+    def label(self, adapter: str | None) -> str:
+        if adapter is None:
+            return BASE_LABEL
+        if adapter in self._named:
+            return adapter
+        self._seen[adapter] += 1
+        if len(self._named) < self.top_k and self._seen[adapter] >= self.min_requests:
+            self._named.add(adapter)
+            del self._seen[adapter]
+            return adapter
+        if len(self._seen) > 10 * max(1, self.top_k) + 1000:
+            # Forget the long tail's counts; they are only candidates.
+            self._seen = _Counter(dict(self._seen.most_common(10 * max(1, self.top_k))))
+        return OTHER_LABEL
+
+
+class ServingMetrics:
+    def __init__(self, top_k_adapters: int = 20) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.labeler = AdapterLabeler(top_k_adapters)
+        r = self.registry
+        ta = ["tenant", "adapter"]
+        self.ttft = Histogram(
+            "lorafleet_time_to_first_token_seconds",
+            "Time from request arrival to the first output token.",
+            ta, buckets=TTFT_BUCKETS, registry=r,
+        )
+        self.tpot = Histogram(
+            "lorafleet_time_per_output_token_seconds",
+            "Mean time per output token after the first, per request.",
+            ta, buckets=TPOT_BUCKETS, registry=r,
+        )
+        self.e2e = Histogram(
+            "lorafleet_e2e_request_latency_seconds",
+            "Time from request arrival to its last token.",
+            ta, buckets=E2E_BUCKETS, registry=r,
+        )
+        self.requests = Counter(
+            "lorafleet_requests", "Requests answered, by HTTP status.",
+            [*ta, "status"], registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "lorafleet_prompt_tokens", "Prompt tokens processed.", ta, registry=r
+        )
+        self.generation_tokens = Counter(
+            "lorafleet_generation_tokens", "Output tokens generated.", ta, registry=r
+        )
+        self.in_flight = Gauge(
+            "lorafleet_requests_in_flight", "Requests being served now.", ["tenant"], registry=r
+        )
+        self.rate_limited = Counter(
+            "lorafleet_rate_limited", "Requests refused by a tenant quota.",
+            ["tenant", "reason"], registry=r,
+        )
+        self.adapter_load = Histogram(
+            "lorafleet_adapter_load_seconds", "Time to make an adapter resident on a replica.",
+            buckets=LOAD_BUCKETS, registry=r,
+        )
+        self.adapters_resident = Gauge(
+            "lorafleet_adapters_resident", "Adapters resident on each engine replica.",
+            ["replica"], registry=r,
+        )
+
+    def adapter_label(self, adapter: str | None) -> str:
+        return self.labeler.label(adapter)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def engine_metrics_text(replica_id: str) -> str:
+    """vLLM's own metrics in this process, each sample labelled with ``replica``."""
+    from prometheus_client import REGISTRY
+
+    text = generate_latest(REGISTRY).decode()
+    out: list[str] = []
+    for line in text.splitlines():
+        if not line.startswith(("vllm:", "# HELP vllm:", "# TYPE vllm:")):
+            continue
+        if line.startswith("#"):
+            out.append(line)
+            continue
+        name, _, rest = line.partition(" ")
+        label = f'replica="{replica_id}"'
+        if name.endswith("}"):
+            name = name[:-1] + ("," if not name.endswith("{}") else "") + label + "}"
+            name = name.replace("{}", "{")  # defensive: empty label sets
+        else:
+            name = name + "{" + label + "}"
+        out.append(f"{name} {rest}")
+    return "\n".join(out) + ("\n" if out else "")
+
+
+def merge_expositions(parts: list[str]) -> str:
+    """Merge expositions so each family's header appears once and its samples stay together
+    (the text format requires a family's samples to be contiguous)."""
+    families: dict[str, list[str]] = {}
+    headers: dict[str, list[str]] = {}
+    for part in parts:
+        current = ""
+        for line in part.splitlines():
+            if not line.strip():
+                continue
+            if line.startswith("# HELP ") or line.startswith("# TYPE "):
+                current = line.split(" ", 3)[2]
+                hs = headers.setdefault(current, [])
+                if not any(h.split(" ", 2)[1] == line.split(" ", 2)[1] for h in hs):
+                    hs.append(line)
+                families.setdefault(current, [])
+            elif line.startswith("#"):
+                continue
+            else:
+                families.setdefault(current, []).append(line)
+    out: list[str] = []
+    for name, samples in families.items():
+        out.extend(headers.get(name, []))
+        out.extend(samples)
+    return "\n".join(out) + "\n"
