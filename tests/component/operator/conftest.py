@@ -1,0 +1,312 @@
+"""The real kopf operator, in-process, against kmock's Kubernetes API emulator.
+
+Serving is a faithful in-test implementation of the admin API contract (docs/contracts.md): it
+fetches with `lorafleet.adapters.fetch_adapter` and validates with `validate_adapter_dir` against
+a tiny Llama config, so invalid adapters are refused by the real rules. Tenants and keys go to an
+in-memory store the fake serving shares (it answers 404 for unknown tenants, like the real one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import base64
+import json
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import kmock
+import numpy as np
+import pytest
+import pytest_asyncio
+import yaml
+
+kopf = pytest.importorskip("kopf")
+
+from lorafleet.adapters.basemodel import base_model_info_from_config  # noqa: E402
+from lorafleet.adapters.errors import AdapterFetchError, AdapterValidationError  # noqa: E402
+from lorafleet.adapters.sources import fetch_adapter  # noqa: E402
+from lorafleet.adapters.validation import ValidationLimits, validate_adapter_dir  # noqa: E402
+from lorafleet.operator.handlers import Dependencies, make_registry, make_settings  # noqa: E402
+from lorafleet.operator.serving_client import ServingClient  # noqa: E402
+from lorafleet.operator.settings import OperatorConfig  # noqa: E402
+from lorafleet.operator.tenant_store import MemoryTenantStore  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[3]
+CRD_DIR = REPO / "charts" / "lorafleet" / "crds"
+NAMESPACE = "ns1"
+BASE_MODEL = "tiny-llama"
+TINY_CONFIG = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
+               "num_key_value_heads": 2, "num_hidden_layers": 2}
+ADAPTERS = "lorafleet.io/v1alpha1/loraadapters"
+TENANTS = "lorafleet.io/v1alpha1/tenants"
+SECRETS = "v1/secrets"
+
+
+def write_adapter(dest: Path, *, base_model: str = BASE_MODEL, rank: int = 2,
+                  seed: int = 0, pickle: bool = False) -> Path:
+    """A tiny PEFT LoRA directory for `TINY_CONFIG` (q_proj, v_proj)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    hidden = TINY_CONFIG["hidden_size"]
+    tensors = {}
+    for layer in range(TINY_CONFIG["num_hidden_layers"]):
+        for module in ("q_proj", "v_proj"):
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = rng.standard_normal((rank, hidden),
+                                                                     dtype=np.float32)
+            tensors[f"{prefix}.lora_B.weight"] = rng.standard_normal((hidden, rank),
+                                                                     dtype=np.float32)
+    dest.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(dest / "adapter_model.safetensors"))
+    (dest / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "base_model_name_or_path": base_model, "r": rank,
+        "lora_alpha": rank, "target_modules": ["q_proj", "v_proj"], "bias": "none"}))
+    if pickle:
+        (dest / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")  # a pickle: must be refused
+    return dest
+
+
+class FakeServing:
+    """The admin API of docs/contracts.md over in-memory state, with real fetch and validation."""
+
+    def __init__(self, tenants: MemoryTenantStore, workdir: Path, replicas: int = 2) -> None:
+        self.tenants = tenants
+        self.workdir = workdir
+        self.base = base_model_info_from_config(TINY_CONFIG, BASE_MODEL)
+        self.adapters: dict[tuple[str, str], dict[str, Any]] = {}
+        self.replicas: dict[str, set[str]] = {f"replica-{i}": set() for i in range(replicas)}
+        self.calls: list[tuple[str, str]] = []
+        self._n = 0
+
+    def add_replica(self) -> str:
+        rid = f"replica-{len(self.replicas)}"
+        self.replicas[rid] = set()
+        return rid
+
+    def loaded_ids(self) -> set[str]:
+        return set().union(*self.replicas.values()) if self.replicas else set()
+
+    @staticmethod
+    def _error(status: int, message: str, code: str) -> httpx.Response:
+        return httpx.Response(status, json={"error": {"message": message, "type": "invalid_request_error",
+                                                      "param": None, "code": code}})
+
+    def _view(self, record: dict[str, Any]) -> dict[str, Any]:
+        held = sorted(r for r, ids in self.replicas.items() if record["adapter_id"] in ids)
+        return {**record, "replicas": held}
+
+    def _load(self, record: dict[str, Any], count: int) -> None:
+        aid = record["adapter_id"]
+        holders = [r for r, ids in self.replicas.items() if aid in ids]
+        others = sorted((r for r in self.replicas if r not in holders),
+                        key=lambda r: len(self.replicas[r]))
+        for rid in others[: max(0, count - len(holders))]:
+            self.replicas[rid].add(aid)
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        self.calls.append((request.method, request.url.path))
+        parts = request.url.path.strip("/").split("/")
+        if parts[:2] != ["admin", "v1"]:
+            return self._error(404, "not found", "not_found")
+        rest = parts[2:]
+        if request.method == "GET" and rest == ["replicas"]:
+            return httpx.Response(200, json=[{"replica_id": r, "adapters": sorted(ids)}
+                                             for r, ids in self.replicas.items()])
+        if len(rest) < 3 or rest[0] != "tenants" or rest[2] != "adapters":
+            return self._error(404, "not found", "not_found")
+        tenant = rest[1]
+        if tenant not in self.tenants.tenants:
+            return self._error(404, f"tenant {tenant!r} not found", "tenant_not_found")
+        body = json.loads(request.content) if request.content else {}
+        if request.method == "POST" and len(rest) == 3:
+            return await asyncio.to_thread(self._register, tenant, body)
+        key = (tenant, rest[3]) if len(rest) > 3 else None
+        record = self.adapters.get(key) if key else None
+        if record is None:
+            return self._error(404, f"adapter {rest[3] if key else ''!r} not found",
+                               "adapter_not_found")
+        if request.method == "GET" and len(rest) == 4:
+            return httpx.Response(200, json=self._view(record))
+        if request.method == "POST" and rest[4:] == ["load"]:
+            self._load(record, int(body.get("replicas") or len(self.replicas)))
+            return httpx.Response(200, json=self._view(record))
+        if request.method == "DELETE" and len(rest) == 4:
+            for ids in self.replicas.values():
+                ids.discard(record["adapter_id"])
+            del self.adapters[key]
+            return httpx.Response(204)
+        return self._error(405, "method not allowed", "method_not_allowed")
+
+    def _register(self, tenant: str, body: dict[str, Any]) -> httpx.Response:
+        self._n += 1
+        dest = self.workdir / f"fetch-{self._n}"
+        try:
+            root = fetch_adapter(body["source"], dest, max_bytes=64 << 20)
+            manifest = validate_adapter_dir(root, self.base, ValidationLimits())
+        except AdapterValidationError as exc:
+            return self._error(422, str(exc), exc.code)
+        except AdapterFetchError as exc:
+            if exc.transient:
+                return self._error(503, exc.reason, "fetch_unavailable")
+            return self._error(422, exc.reason, "fetch_failed")
+        name = body["name"]
+        record = {"tenant": tenant, "name": name, "source": body["source"],
+                  "base_model": self.base.name, "digest": manifest.digest,
+                  "size_bytes": manifest.size_bytes,
+                  "adapter_id": f"{tenant}/{name}@{manifest.digest[:12]}"}
+        old = self.adapters.get((tenant, name))
+        if old is not None and old["adapter_id"] != record["adapter_id"]:
+            # New version first, on the same replicas, then the old one goes.
+            holders = [r for r, ids in self.replicas.items() if old["adapter_id"] in ids]
+            for rid in holders:
+                self.replicas[rid].add(record["adapter_id"])
+            for rid in holders:
+                self.replicas[rid].discard(old["adapter_id"])
+        self.adapters[(tenant, name)] = record
+        if body.get("load", True):
+            self._load(record, len(self.replicas))
+        return httpx.Response(201, json=self._view(record))
+
+
+def load_crds() -> dict[str, dict[str, Any]]:
+    crds = {}
+    for path in sorted(CRD_DIR.glob("*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        crds[crd["spec"]["names"]["kind"]] = crd
+    return crds
+
+
+def declare_resources(k8s: Any) -> None:
+    """Discovery for what kopf watches; without it kopf silently never watches."""
+    verbs = ["list", "watch", "get", "patch", "create", "delete", "update"]
+    for kind, crd in load_crds().items():
+        names = crd["spec"]["names"]
+        res = f"{crd['spec']['group']}/{crd['spec']['versions'][0]['name']}/{names['plural']}"
+        k8s.resources[res] = kmock.ResourceInfo(
+            kind=kind, singular=names["singular"], namespaced=True, verbs=verbs,
+            shortnames=names.get("shortNames", []), subresources=["status"])
+    k8s.resources["v1/secrets"] = kmock.ResourceInfo(kind="Secret", singular="secret",
+                                                     namespaced=True, verbs=verbs)
+    k8s.resources["v1/events"] = kmock.ResourceInfo(kind="Event", singular="event",
+                                                    namespaced=True, verbs=verbs)
+    k8s.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", singular="namespace",
+                                                        namespaced=False, verbs=verbs)
+    k8s.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
+        kind="CustomResourceDefinition", singular="customresourcedefinition",
+        namespaced=False, verbs=verbs)
+    k8s.objects["v1/namespaces", None, NAMESPACE] = {
+        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}
+
+
+class Cluster:
+    """The emulator plus helpers a test reads like kubectl."""
+
+    def __init__(self, k8s: Any) -> None:
+        self.k8s = k8s
+
+    def _url(self, resource: str, name: str | None = None) -> str:
+        group_version, plural = resource.rsplit("/", 1)
+        prefix = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
+        return f"{prefix}/namespaces/{NAMESPACE}/{plural}" + (f"/{name}" if name else "")
+
+    async def apply(self, resource: str, body: dict[str, Any]) -> None:
+        body = {**body, "metadata": {**body["metadata"], "namespace": NAMESPACE,
+                                     "generation": 1, "uid": body["metadata"]["name"], "resourceVersion": "1",
+                                     "creationTimestamp": "2026-11-25T00:00:00Z"}}
+        resp = await self.k8s.post(self._url(resource), json=body)
+        assert resp.status < 300, await resp.text()
+
+    async def patch_spec(self, resource: str, name: str, spec: dict[str, Any],
+                         generation: int) -> None:
+        resp = await self.k8s.patch(self._url(resource, name),
+                                    json={"spec": spec, "metadata": {"generation": generation}},
+                                    headers={"Content-Type": "application/merge-patch+json"})
+        assert resp.status < 300, await resp.text()
+
+    async def delete(self, resource: str, name: str) -> None:
+        resp = await self.k8s.delete(self._url(resource, name))
+        assert resp.status < 300, await resp.text()
+
+    def get(self, resource: str, name: str) -> dict[str, Any] | None:
+        try:
+            obj = self.k8s.objects[resource, NAMESPACE, name]
+        except KeyError:
+            return None
+        if obj.deleted:
+            return None
+        return json.loads(json.dumps(dict(obj.raw)))
+
+    async def wait_for(self, predicate: Callable[[], bool | Awaitable[bool]],
+                       timeout: float = 10.0, what: str = "condition") -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            result = predicate()
+            if not isinstance(result, bool):
+                result = await result
+            if result:
+                return
+            if loop.time() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            await asyncio.sleep(0.05)
+
+
+def secret(name: str, key: str, data_key: str = "apiKey") -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
+            "type": "Opaque", "data": {data_key: base64.b64encode(key.encode()).decode()}}
+
+
+@pytest.fixture()
+def workdir() -> Any:
+    with tempfile.TemporaryDirectory(prefix="lf-operator-") as tmp:
+        yield Path(tmp)
+
+
+@pytest.fixture()
+def tenant_store() -> MemoryTenantStore:
+    return MemoryTenantStore()
+
+
+@pytest.fixture()
+def serving(tenant_store: MemoryTenantStore, workdir: Path) -> FakeServing:
+    return FakeServing(tenant_store, workdir / "serving")
+
+
+@pytest_asyncio.fixture()
+async def cluster(serving: FakeServing, tenant_store: MemoryTenantStore) -> AsyncIterator[Cluster]:
+    async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s):
+        declare_resources(k8s)
+        client = ServingClient("http://serving", "admin-key",
+                               transport=httpx.MockTransport(serving.handle), replicas_ttl=0.0)
+        config = OperatorConfig(resync_seconds=0.5, tenant_resync_seconds=1.0)
+        deps = Dependencies(serving=client, tenants=tenant_store, config=config)
+
+        def login(**_: Any) -> Any:
+            return kopf.ConnectionInfo(server=str(k8s.url).rstrip("/"), insecure=True)
+
+        registry = make_registry(deps, login=login)
+        settings = make_settings()
+        settings.scanning.disabled = True
+        settings.posting.enabled = False
+        settings.watching.reconnect_backoff = 0.1
+        settings.networking.request_timeout = 5
+        settings.background.cancellation_timeout = 1.0
+        stop = asyncio.Event()
+        ready = asyncio.Event()
+        task = asyncio.create_task(kopf.operator(
+            registry=registry, settings=settings, namespaces=[NAMESPACE], standalone=True,
+            stop_flag=stop, ready_flag=ready))
+        try:
+            await asyncio.wait_for(ready.wait(), 10)
+            yield Cluster(k8s)
+        finally:
+            stop.set()
+            # kopf cancels its timers on the way out; their CancelledError may surface here.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(task, 15)
+            await client.aclose()
