@@ -195,7 +195,7 @@ def _headline_rows(sc: Scenario, docs: dict[str, dict[str, Any]]) -> list[tuple[
 
 
 def print_table(sc: Scenario, docs: dict[str, dict[str, Any]], console: Console) -> None:
-    table = Table(title=f"bench {sc.name}: {sc.description}", caption=CPU_NOTE)
+    table = Table(title=f"bench {sc.name}: {sc.description}")
     table.add_column("figure")
     for system in docs:
         table.add_column(system, justify="right")
@@ -209,6 +209,7 @@ def print_table(sc: Scenario, docs: dict[str, dict[str, Any]], console: Console)
             cells.append("-" if r is None else f"{r:.2f}x")
         table.add_row(label, *cells)
     console.print(table)
+    console.print(CPU_NOTE)
 
 
 def plot(sc: Scenario, docs: dict[str, dict[str, Any]], path: Path) -> Path:
