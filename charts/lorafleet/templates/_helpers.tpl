@@ -158,10 +158,10 @@ files/prometheus-rules.yaml select on it, so it is a constant, not derived from 
 {{- define "lorafleet.servingVolumes" -}}
 {{- if not .withoutModel }}
 - name: model
-  {{- toYaml .ctx.Values.serving.model.volume | nindent 2 }}
+  {{- toYaml (.ctx.Values.serving.model.volume | default (dict "emptyDir" (dict))) | nindent 2 }}
 {{- end }}
 - name: data
-  {{- toYaml .ctx.Values.serving.dataVolume | nindent 2 }}
+  {{- toYaml (.ctx.Values.serving.dataVolume | default (dict "emptyDir" (dict))) | nindent 2 }}
 - name: dshm
   emptyDir:
     medium: Memory

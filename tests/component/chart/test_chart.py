@@ -1,0 +1,607 @@
+"""The Helm chart, rendered by real Helm (helm-python-sdk) and validated offline.
+
+Boundary: no cluster. Each value set a user would install with is rendered; every manifest is
+validated strictly with kubernetes-validate against Kubernetes 1.30 and the newest bundled
+version; custom resources the validator has no schema for (RayService, PodMonitor,
+PrometheusRule) are checked for the structure their controllers need, and the pod templates
+inside a RayService are validated as Pods. The CRDs in crds/ are the operator's; the chart's
+RBAC and the example CRs are checked against whatever they say.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed")
+kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
+jsonschema = pytest.importorskip("jsonschema")
+
+REPO = Path(__file__).resolve().parents[3]
+CHART = REPO / "charts" / "lorafleet"
+EXAMPLES = REPO / "examples"
+RELEASE, NAMESPACE = "lf", "ai"
+KUBE_VERSIONS = ("1.30.0", f"{kv.latest_version()}")
+
+GPU_NODES = {
+    "serving": {
+        "resources": {
+            "requests": {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": 1},
+            "limits": {"memory": "64Gi", "nvidia.com/gpu": 1},
+        },
+        "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+        "tolerations": [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+        ],
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [{"matchExpressions": [{
+                        "key": "nvidia.com/gpu.product", "operator": "In",
+                        "values": ["NVIDIA-A100-SXM4-80GB", "NVIDIA-H100-80GB-HBM3"],
+                    }]}]
+                }
+            }
+        },
+        "model": {"volume": {"persistentVolumeClaim": {"claimName": "models", "readOnly": True}}},
+    }
+}
+
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "kuberay": {
+        "serving": {"mode": "rayservice", "autoscaling": {"enabled": True, "maxReplicas": 8}},
+        "rayService": {"appArgs": {"max_loras": 8}},
+    },
+    "external-redis": {
+        "redis": {"enabled": False,
+                  "external": {"existingSecret": "lorafleet-registry", "existingSecretKey": "url"}},
+        "auth": {"existingSecret": "lorafleet-admin", "existingSecretKey": "key"},
+    },
+    "monitoring-off": {
+        "monitoring": {"podMonitor": {"enabled": False}, "prometheusRule": {"enabled": False},
+                       "grafanaDashboard": {"enabled": False}},
+    },
+    "gpu-nodes": {
+        **GPU_NODES,
+        "image": {"digest": "sha256:" + "a" * 64, "pullSecrets": ["ghcr"]},
+    },
+    "kuberay-gpu-nodes": {**copy.deepcopy(GPU_NODES), "rayService": {}, "operator": {"enabled": False}},
+    "production": {
+        "serving": {
+            "replicas": 3,
+            "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6},
+            "ingress": {"enabled": True, "className": "nginx",
+                        "annotations": {"nginx.ingress.kubernetes.io/proxy-buffering": "off"},
+                        "tls": [{"secretName": "lorafleet-tls", "hosts": ["lorafleet.example.com"]}]},
+        },
+        "redis": {"persistence": {"enabled": True, "storageClass": "fast"}},
+        "commonLabels": {"team": "ml-platform"},
+        "commonAnnotations": {"owner": "ml-platform"},
+        "monitoring": {"podMonitor": {"labels": {"release": "kube-prometheus-stack"}}},
+    },
+}
+VALUE_SETS["kuberay-gpu-nodes"]["serving"]["mode"] = "rayservice"
+
+# Custom resources kubernetes-validate has no schema for; minimal structure their controllers need.
+_CONTAINERS = {"type": "array", "minItems": 1,
+               "items": {"type": "object", "required": ["name", "image"]}}
+_POD_TEMPLATE = {"type": "object", "required": ["spec"], "properties": {
+    "spec": {"type": "object", "required": ["containers"], "properties": {"containers": _CONTAINERS}}}}
+CUSTOM_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
+    ("ray.io/v1", "RayService"): {
+        "type": "object", "required": ["spec"],
+        "properties": {"spec": {
+            "type": "object", "required": ["serveConfigV2", "rayClusterConfig"],
+            "additionalProperties": False,
+            "properties": {
+                "serveConfigV2": {"type": "string"},
+                "rayClusterConfig": {
+                    "type": "object", "required": ["headGroupSpec", "workerGroupSpecs"],
+                    "properties": {
+                        "rayVersion": {"type": "string"},
+                        "enableInTreeAutoscaling": {"type": "boolean"},
+                        "headGroupSpec": {
+                            "type": "object", "required": ["rayStartParams", "template"],
+                            "properties": {"rayStartParams": {"type": "object",
+                                                              "additionalProperties": {"type": "string"}},
+                                           "template": _POD_TEMPLATE}},
+                        "workerGroupSpecs": {"type": "array", "minItems": 1, "items": {
+                            "type": "object",
+                            "required": ["groupName", "replicas", "minReplicas", "maxReplicas",
+                                         "rayStartParams", "template"],
+                            "properties": {
+                                "groupName": {"type": "string"},
+                                "replicas": {"type": "integer", "minimum": 0},
+                                "minReplicas": {"type": "integer", "minimum": 0},
+                                "maxReplicas": {"type": "integer", "minimum": 0},
+                                "rayStartParams": {"type": "object",
+                                                   "additionalProperties": {"type": "string"}},
+                                "template": _POD_TEMPLATE}}}}}}}},
+    },
+    ("monitoring.coreos.com/v1", "PodMonitor"): {
+        "type": "object", "required": ["spec"],
+        "properties": {"spec": {
+            "type": "object", "required": ["selector", "podMetricsEndpoints"],
+            "additionalProperties": False,
+            "properties": {
+                "jobLabel": {"type": "string"},
+                "selector": {"type": "object", "required": ["matchLabels"]},
+                "namespaceSelector": {"type": "object"},
+                "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "required": ["port", "path"], "additionalProperties": False,
+                    "properties": {"port": {"type": "string"}, "path": {"type": "string"},
+                                   "interval": {"type": "string"},
+                                   "scrapeTimeout": {"type": "string"}}}}}}},
+    },
+    ("monitoring.coreos.com/v1", "PrometheusRule"): {
+        "type": "object", "required": ["spec"],
+        "properties": {"spec": {
+            "type": "object", "required": ["groups"], "additionalProperties": False,
+            "properties": {"groups": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["name", "rules"],
+                "properties": {"name": {"type": "string"}, "interval": {"type": "string"},
+                               "rules": {"type": "array", "minItems": 1, "items": {
+                                   "type": "object", "required": ["expr"],
+                                   "oneOf": [{"required": ["record"]}, {"required": ["alert"]}],
+                                   "properties": {"expr": {"type": "string", "minLength": 1}}}}}}}}}},
+    },
+}
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+    """Render the chart as `helm install` would (offline: `lookup` finds nothing)."""
+    with helm.Chart.load(CHART) as chart:
+        files = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    docs = []
+    for path, text in sorted(files.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+def render_notes(values: dict[str, Any]) -> str:
+    with helm.Chart.load(CHART) as chart:
+        files = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return next(text for path, text in files.items() if path.endswith("NOTES.txt"))
+
+
+@pytest.fixture(scope="module", params=sorted(VALUE_SETS))
+def value_set(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
+    values = VALUE_SETS[request.param]
+    return request.param, values, render(values)
+
+
+def kinds(docs: list[dict[str, Any]]) -> list[str]:
+    return [d["kind"] for d in docs]
+
+
+def one(docs: list[dict[str, Any]], kind: str, name_suffix: str = "") -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(name_suffix)]
+    assert len(found) == 1, f"expected one {kind} *{name_suffix}, got {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every pod spec a manifest carries, including RayService head and worker templates."""
+    for d in docs:
+        name = f"{d['kind']}/{d['metadata']['name']}"
+        if d["kind"] in ("Deployment", "StatefulSet"):
+            yield name, d["spec"]["template"]
+        elif d["kind"] == "RayService":
+            cluster = d["spec"]["rayClusterConfig"]
+            yield f"{name}/head", cluster["headGroupSpec"]["template"]
+            for group in cluster["workerGroupSpecs"]:
+                yield f"{name}/{group['groupName']}", group["template"]
+
+
+def serving_pods(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pod templates of the GPU serving pods (the Deployment, or the RayService workers)."""
+    out = []
+    for name, tpl in pod_specs(docs):
+        if tpl["metadata"]["labels"].get("app.kubernetes.io/component") == "serving" \
+                and not name.endswith("/head"):
+            out.append(tpl)
+    return out
+
+
+# --- rendering and validation ----------------------------------------------------------------
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+def test_every_manifest_validates_strictly(value_set, version: str) -> None:
+    name, _, docs = value_set
+    assert docs, f"{name}: nothing rendered"
+    for d in docs:
+        key = (d["apiVersion"], d["kind"])
+        if key in CUSTOM_SCHEMAS:
+            jsonschema.validate(d, CUSTOM_SCHEMAS[key])
+            continue
+        try:
+            kv.validate(d, version, strict=True)
+        except kv.ValidationError as e:  # pragma: no cover - the message is the point
+            pytest.fail(f"{name}: {d['kind']}/{d['metadata']['name']} invalid for {version}: {e}")
+    # Pod templates inside custom resources are validated as the Pods they become.
+    for pod_name, tpl in pod_specs(docs):
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": tpl.get("metadata", {}),
+               "spec": tpl["spec"]}
+        try:
+            kv.validate(pod, version, strict=True)
+        except kv.ValidationError as e:  # pragma: no cover
+            pytest.fail(f"{name}: pod template {pod_name} invalid for {version}: {e}")
+
+
+def test_unknown_kinds_are_only_the_known_custom_resources(value_set) -> None:
+    _, _, docs = value_set
+    for d in docs:
+        if (d["apiVersion"], d["kind"]) in CUSTOM_SCHEMAS:
+            with pytest.raises(kv.SchemaNotFoundError):
+                kv.validate(d, KUBE_VERSIONS[-1], strict=True)
+
+
+def test_lint_is_clean(value_set) -> None:
+    name, values, _ = value_set
+    for version in KUBE_VERSIONS:
+        report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE,
+                           kube_version=f"v{version}")
+        problems = [m for m in report["messages"] if m["severity"] >= 2]
+        assert not report["errors"] and not problems, f"{name} on {version}: {report}"
+
+
+def test_standard_labels_and_namespace(value_set) -> None:
+    _, _, docs = value_set
+    for d in docs:
+        labels = d["metadata"].get("labels", {})
+        for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance",
+                    "app.kubernetes.io/version", "app.kubernetes.io/managed-by",
+                    "app.kubernetes.io/component", "helm.sh/chart"):
+            assert key in labels, f"{d['kind']}/{d['metadata']['name']} lacks label {key}"
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+        assert d["metadata"]["namespace"] == NAMESPACE
+
+
+def test_images_are_pinned(value_set) -> None:
+    _, values, docs = value_set
+    for pod_name, tpl in pod_specs(docs):
+        for c in tpl["spec"]["containers"] + tpl["spec"].get("initContainers", []):
+            image = c["image"]
+            ref = image.split("@")[0]
+            assert ":" in ref.rsplit("/", 1)[-1], f"{pod_name}: untagged image {image}"
+            assert not ref.endswith(":latest"), f"{pod_name}: `latest` tag in {image}"
+            if c["name"] != "redis" and values.get("image", {}).get("digest"):
+                assert image.endswith("@" + values["image"]["digest"])
+
+
+def test_credentials_come_only_from_secrets(value_set) -> None:
+    _, _, docs = value_set
+    for pod_name, tpl in pod_specs(docs):
+        for c in tpl["spec"]["containers"]:
+            for env in c.get("env", []):
+                if re.search(r"KEY|PASSWORD|TOKEN", env["name"]):
+                    assert "valueFrom" in env, f"{pod_name}: {env['name']} set in plain text"
+                if "value" in env:
+                    # A URL may carry a password only through $(VAR) expansion of a Secret.
+                    assert not re.search(r"://[^/]*:[^$@/][^@/]*@", env["value"]), env
+            for arg in c.get("args", []) + c.get("command", []):
+                assert "lf_admin_" not in arg
+
+
+def test_security_context_is_non_root(value_set) -> None:
+    _, _, docs = value_set
+    for pod_name, tpl in pod_specs(docs):
+        assert tpl["spec"]["securityContext"]["runAsNonRoot"] is True, pod_name
+        for c in tpl["spec"]["containers"]:
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False, pod_name
+            assert c["securityContext"]["capabilities"]["drop"] == ["ALL"], pod_name
+
+
+# --- what each value set turns on ------------------------------------------------------------
+
+def test_defaults_install_the_whole_product() -> None:
+    docs = render({})
+    ks = kinds(docs)
+    for kind in ("Deployment", "Service", "ServiceAccount", "Role", "RoleBinding", "Secret",
+                 "StatefulSet", "PodDisruptionBudget", "PodMonitor", "PrometheusRule", "ConfigMap"):
+        assert kind in ks, kind
+    assert "RayService" not in ks and "HorizontalPodAutoscaler" not in ks and "Ingress" not in ks
+    assert "ClusterRole" not in ks and "ClusterRoleBinding" not in ks
+
+    serving = one(docs, "Deployment", "-serving")
+    c = serving["spec"]["template"]["spec"]["containers"][0]
+    assert c["args"][:2] == ["serve", "--no-demo"]
+    assert "--registry=$(LORAFLEET_REGISTRY_URL)" in c["args"]
+    assert "--port=8000" in c["args"] and {"name": "http", "containerPort": 8000,
+                                            "protocol": "TCP"} in c["ports"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    env = {e["name"]: e for e in c["env"]}
+    assert env["LORAFLEET_ADMIN_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": f"{RELEASE}-lorafleet-admin", "key": "admin-key"}
+    assert env["LORAFLEET_REGISTRY_URL"]["value"].startswith("redis://:$(REDIS_PASSWORD)@")
+
+    admin = one(docs, "Secret", "-admin")
+    key = base64.b64decode(admin["data"]["admin-key"]).decode()
+    assert key.startswith("lf_admin_") and len(key) >= 40
+    assert admin["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+    svc = one(docs, "Service", f"{RELEASE}-lorafleet")
+    assert svc["spec"]["selector"] == serving["spec"]["selector"]["matchLabels"]
+
+
+def test_generated_admin_key_is_random_per_install() -> None:
+    # Offline there is no cluster for `lookup`; on a cluster the existing Secret is reused.
+    a = one(render({}), "Secret", "-admin")["data"]["admin-key"]
+    b = one(render({}), "Secret", "-admin")["data"]["admin-key"]
+    assert a != b
+    template = (CHART / "templates" / "secrets.yaml").read_text()
+    assert 'lookup "v1" "Secret"' in template
+
+
+def test_external_redis_and_existing_secrets() -> None:
+    docs = render(VALUE_SETS["external-redis"])
+    assert "StatefulSet" not in kinds(docs) and "Secret" not in kinds(docs)
+    for _, tpl in pod_specs(docs):
+        env = {e["name"]: e for e in tpl["spec"]["containers"][0]["env"]}
+        assert env["LORAFLEET_REGISTRY_URL"]["valueFrom"]["secretKeyRef"] == {
+            "name": "lorafleet-registry", "key": "url"}
+        admin = env.get("LORAFLEET_ADMIN_KEY") or env["LORAFLEET_OPERATOR_ADMIN_KEY"]
+        assert admin["valueFrom"]["secretKeyRef"] == {"name": "lorafleet-admin", "key": "key"}
+    assert "lorafleet-admin" in render_notes(VALUE_SETS["external-redis"])
+
+
+def test_kuberay_mode_runs_the_serve_app_with_autoscaling() -> None:
+    docs = render(VALUE_SETS["kuberay"])
+    assert "Deployment" in kinds(docs)  # the operator
+    assert not [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-serving")]
+    assert "HorizontalPodAutoscaler" not in kinds(docs)
+    rs = one(docs, "RayService")
+    serve = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    (app,) = serve["applications"]
+    assert app["import_path"] == "lorafleet.serving.deploy:build_app"
+    assert app["args"]["model_dir"] == "/models/SmolLM2-135M-Instruct"
+    assert app["args"]["max_loras"] == 8  # rayService.appArgs wins over the derived value
+    assert app["args"]["engine_autoscaling_config"]["max_replicas"] == 8
+    assert serve["http_options"]["port"] == 8000
+    assert not re.search(r"redis://|lf_admin_", rs["spec"]["serveConfigV2"])
+    cluster = rs["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == "2.60.0" and cluster["enableInTreeAutoscaling"] is True
+    (worker,) = cluster["workerGroupSpecs"]
+    assert (worker["minReplicas"], worker["maxReplicas"]) == (1, 8)
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in json.dumps(head["resources"])
+    # The PDB protects only GPU workers; the Service and PodMonitor reach Ray pods.
+    pdb = one(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"]["ray.io/node-type"] == "worker"
+    pm = one(docs, "PodMonitor", "-serving")
+    assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["http", "metrics"]
+
+
+def test_monitoring_off_renders_no_monitoring_objects() -> None:
+    ks = kinds(render(VALUE_SETS["monitoring-off"]))
+    assert not {"PodMonitor", "PrometheusRule", "ConfigMap"} & set(ks)
+
+
+@pytest.mark.parametrize("name", ["gpu-nodes", "kuberay-gpu-nodes"])
+def test_gpu_node_placement_reaches_serving_pods(name: str) -> None:
+    docs = render(VALUE_SETS[name])
+    pods = serving_pods(docs)
+    assert pods
+    for tpl in pods:
+        spec = tpl["spec"]
+        assert spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+        assert spec["tolerations"][0]["key"] == "nvidia.com/gpu"
+        assert "nodeAffinity" in spec["affinity"]
+        assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["model"]["persistentVolumeClaim"]["claimName"] == "models"
+        assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+    # Nothing else lands on GPU nodes.
+    for pod_name, tpl in pod_specs(docs):
+        if tpl not in pods:
+            assert "nodeSelector" not in tpl["spec"], pod_name
+            assert "nvidia.com/gpu" not in json.dumps(tpl["spec"]["containers"]), pod_name
+
+
+def test_production_values_add_hpa_ingress_and_persistence() -> None:
+    docs = render(VALUE_SETS["production"])
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+    assert "replicas" not in one(docs, "Deployment", "-serving")["spec"]  # the HPA owns it
+    ing = one(docs, "Ingress")
+    assert ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == f"{RELEASE}-lorafleet"
+    sts = one(docs, "StatefulSet")
+    assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["storageClassName"] == "fast"
+    assert all(d["metadata"]["labels"]["team"] == "ml-platform" for d in docs)
+    assert one(docs, "PodMonitor", "-serving")["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+# --- operator RBAC and the CRDs --------------------------------------------------------------
+
+def crd_documents() -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted((CHART / "crds").glob("*.yaml")):
+        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    return [d for d in docs if d.get("kind") == "CustomResourceDefinition"]
+
+
+def test_crds_validate() -> None:
+    crds = crd_documents()
+    if not crds:
+        pytest.skip("charts/lorafleet/crds/ holds no CRD yet (the operator's part)")
+    for crd in crds:
+        for version in KUBE_VERSIONS:
+            kv.validate(crd, version, strict=True)
+    with helm.Chart.load(CHART) as chart:
+        shipped = {c["filename"].rsplit("/", 1)[-1] for c in chart.crds}
+    assert shipped >= {p.name for p in (CHART / "crds").glob("*.yaml")}
+
+
+def test_operator_rbac_is_least_privilege_and_matches_the_crds() -> None:
+    docs = render({})
+    rules = one(docs, "Role")["rules"]
+    assert "ClusterRole" not in kinds(docs)
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in rules:
+        for field in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule[field], rule
+        for g in rule["apiGroups"]:
+            for r in rule["resources"]:
+                granted.setdefault((g, r), set()).update(rule["verbs"])
+    expected = {("", "secrets"): {"get", "list", "watch"},
+                ("", "events"): {"create", "patch"},
+                ("events.k8s.io", "events"): {"create", "patch"}}
+    crds = crd_documents()
+    if not crds:
+        pytest.skip("no CRDs in crds/ yet")
+    for crd in crds:
+        group, plural = crd["spec"]["group"], crd["spec"]["names"]["plural"]
+        # No create/delete: the operator reconciles objects users own.
+        expected[(group, plural)] = {"get", "list", "watch", "patch"}
+        expected[(group, f"{plural}/status")] = {"get", "patch", "update"}
+    assert granted == expected
+    binding = one(docs, "RoleBinding")
+    assert binding["subjects"][0]["name"] == one(docs, "ServiceAccount", "-operator")["metadata"]["name"]
+    op = one(docs, "Deployment", "-operator")["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in op["containers"][0]["env"]}
+    assert json.loads(env["LORAFLEET_OPERATOR_NAMESPACES"]["value"]) == [NAMESPACE]
+    assert env["LORAFLEET_OPERATOR_SERVING_URL"]["value"] == f"http://{RELEASE}-lorafleet.{NAMESPACE}.svc:8000"
+    # Serving pods get no API token at all.
+    for tpl in serving_pods(docs):
+        assert tpl["spec"]["automountServiceAccountToken"] is False
+
+
+def _example_crs() -> list[tuple[str, dict[str, Any]]]:
+    if not EXAMPLES.is_dir():
+        return []
+    out = []
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        for d in yaml.safe_load_all(path.read_text()):
+            if d and d.get("apiVersion", "").startswith("lorafleet.io/"):
+                out.append((path.name, d))
+    return out
+
+
+def test_example_crs_match_the_crds() -> None:
+    crds = {c["spec"]["names"]["kind"]: c for c in crd_documents()}
+    examples = _example_crs()
+    if not crds or not examples:
+        pytest.skip("needs CRDs in charts/lorafleet/crds/ and CRs in examples/")
+    for name, cr in examples:
+        crd = crds[cr["kind"]]
+        group, version = cr["apiVersion"].split("/")
+        assert group == crd["spec"]["group"], name
+        (ver,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+        schema = copy.deepcopy(ver["schema"]["openAPIV3Schema"])
+        # metadata is the API server's business; the rest is what the CRD says.
+        schema.setdefault("properties", {}).pop("metadata", None)
+        jsonschema.validate(cr, schema)
+
+
+# --- values: schema and documentation --------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [
+    {"serving": {"replicas": "two"}},
+    {"serving": {"mode": "kubernetes"}},
+    {"serving": {"port": 70000}},
+    {"image": {"tag": "latest"}},
+    {"image": {"tag": 1.0}},
+    {"image": {"digest": "md5:abc"}},
+    {"redis": {"enabled": False}},  # an external Redis needs the Secret with its URL
+    {"monitoring": {"podMonitor": {"interval": "often"}}},
+    {"operator": {"replicas": 2}},
+    {"rayService": {"importPath": "not a path"}},
+    {"unknownKey": True},
+    {"serving": {"resources": {"limit": {"cpu": 1}}}},
+])
+def test_schema_rejects_bad_values(bad: dict[str, Any]) -> None:
+    with helm.Chart.load(CHART) as chart:
+        with pytest.raises(helm.HelmError):
+            chart.validate_schema(bad)
+        with pytest.raises(helm.HelmError):
+            chart.render(bad, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_schema_accepts_every_value_set() -> None:
+    with helm.Chart.load(CHART) as chart:
+        for values in VALUE_SETS.values():
+            chart.validate_schema(values)
+        assert chart.schema is not None
+
+
+def _leaf_paths(node: Any, prefix: str = "") -> Iterator[str]:
+    if isinstance(node, dict) and node:
+        for k, v in node.items():
+            yield from _leaf_paths(v, f"{prefix}.{k}" if prefix else k)
+    else:
+        yield prefix
+
+
+def test_every_value_is_documented() -> None:
+    text = (CHART / "values.yaml").read_text()
+    values = yaml.safe_load(text)
+    documented = set(re.findall(r"^\s*## @param (\S+) \S", text, flags=re.M))
+    all_paths = set()
+    for path in _leaf_paths(values):
+        parts = path.split(".")
+        all_paths.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        # A leaf is documented itself, or sits inside a documented raw block (resources, ...).
+        assert any(".".join(parts[:i]) in documented for i in range(1, len(parts) + 1)), \
+            f"values.yaml: `{path}` has no `## @param` line"
+    stale = documented - all_paths
+    assert not stale, f"documented keys that do not exist: {sorted(stale)}"
+    # A documented raw block is a leaf-ish Kubernetes structure, not a section of the chart.
+    sections = {p for p in documented if isinstance(_get(values, p), dict)}
+    for p in sections:
+        assert not any(d.startswith(p + ".") for d in documented), \
+            f"`{p}` is documented as a whole and key by key"
+
+
+def _get(values: dict[str, Any], path: str) -> Any:
+    node: Any = values
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def test_values_yaml_image_tags_are_pinned() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    for image in (values["image"], values["redis"]["image"]):
+        assert image["tag"] and image["tag"] != "latest"
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert values["image"]["tag"] == chart["appVersion"]
+
+
+def test_monitoring_objects_carry_the_files_verbatim() -> None:
+    docs = render({})
+    rules = yaml.safe_load((CHART / "files" / "prometheus-rules.yaml").read_text())
+    assert one(docs, "PrometheusRule")["spec"] == rules
+    cm = one(docs, "ConfigMap", "-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(cm["data"]["lorafleet.json"]) == json.loads(
+        (CHART / "files" / "grafana-dashboard.json").read_text())
+
+
+def test_notes_tell_how_to_reach_the_api_and_get_a_key() -> None:
+    notes = render_notes({})
+    assert f"port-forward svc/{RELEASE}-lorafleet 8000:8000" in notes
+    assert f"get secret {RELEASE}-lorafleet-admin" in notes
+    assert "/admin/v1/tenants/alice/keys" in notes
+    notes = render_notes(VALUE_SETS["production"])
+    assert "https://lorafleet.example.com/v1" in notes
