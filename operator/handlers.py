@@ -41,7 +41,7 @@ from .decisions import (
     source_key,
     source_ref,
 )
-from .errors import AdapterRejected, ServingError, ServingUnavailable, TenantMissing
+from .errors import AdapterRejected, ServingError, ServingUnavailable, SpecError, TenantMissing
 from .serving_client import ServingClient
 from .settings import OperatorConfig
 from .tenant_store import TenantStore
@@ -260,7 +260,11 @@ async def sync_tenant(
     for key_id in plan.revoke:
         await deps.tenants.revoke_key(name, key_id)
     for key_id, key_hash in plan.add.items():
-        await deps.tenants.add_key(name, key_id, key_hash)
+        try:
+            await deps.tenants.add_key(name, key_id, key_hash)
+        except SpecError as exc:
+            problems.append(str(exc))
+            desired.pop(key_id)
     return len(desired), problems
 
 

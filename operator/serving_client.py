@@ -6,6 +6,7 @@ nothing. Tests inject an `httpx` transport (`httpx.MockTransport`, `httpx.ASGITr
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -79,10 +80,8 @@ class ServingClient:
 
     async def delete_adapter(self, tenant: str, name: str) -> None:
         """Unload everywhere and unregister; an adapter serving does not know is already gone."""
-        try:
+        with contextlib.suppress(AdapterNotFound):
             await self._call("DELETE", f"/tenants/{tenant}/adapters/{name}")
-        except AdapterNotFound:
-            pass
         self.invalidate_replicas()
 
     async def list_replicas(self, *, now: float | None = None) -> list[dict[str, Any]]:
@@ -92,7 +91,8 @@ class ServingClient:
         if cached is not None and now - cached[0] < self._replicas_ttl:
             return cached[1]
         data = await self._call("GET", "/replicas")
-        replicas = list(data) if isinstance(data, list) else list(data.get("replicas", []))
+        # The admin API wraps lists as `{"data": [...]}`; a bare list is accepted too.
+        replicas = list(data) if isinstance(data, list) else list(data.get("data") or [])
         self._replicas_cache = (now, replicas)
         return replicas
 

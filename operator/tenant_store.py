@@ -7,10 +7,16 @@ here (`lorafleet.adapters.keys.hash_key`); the plaintext never leaves the Secret
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Protocol
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
-__all__ = ["MemoryTenantStore", "TenantStore"]
+from .errors import ServingUnavailable, SpecError
+
+if TYPE_CHECKING:
+    from lorafleet.adapters.registry import Registry
+
+__all__ = ["MemoryTenantStore", "RegistryTenantStore", "TenantStore"]
 
 
 class TenantStore(Protocol):
@@ -52,3 +58,88 @@ class MemoryTenantStore:
 
     async def revoke_key(self, tenant: str, key_id: str) -> None:
         self.keys.get(tenant, {}).pop(key_id, None)
+
+
+class RegistryTenantStore:
+    """Tenants and key hashes written straight into the LoRAFleet registry (SQLite or Redis).
+
+    The admin API can only *generate* keys; keys from Secrets are brought by the user, so the
+    operator writes their hashes itself. Registry outages become `ServingUnavailable` (retried).
+    """
+
+    def __init__(self, registry: Registry, clock: Callable[[], float] = time.time) -> None:
+        self._registry = registry
+        self._clock = clock
+
+    @classmethod
+    def from_url(cls, url: str) -> RegistryTenantStore:
+        from lorafleet.adapters.registry import open_registry
+
+        return cls(open_registry(url))
+
+    async def close(self) -> None:
+        await self._registry.close()
+
+    async def upsert_tenant(self, name: str, display_name: str,
+                            quota: Mapping[str, int | None]) -> None:
+        from lorafleet.adapters.model import Quota, Tenant
+
+        async with self._errors():
+            existing = await self._registry.get_tenant(name)
+            tenant = Tenant(name=name, display_name=display_name, quota=Quota(**quota),
+                            created_at=existing.created_at if existing else self._clock())
+            if existing != tenant:
+                await self._registry.put_tenant(tenant)
+
+    async def delete_tenant(self, name: str) -> None:
+        from lorafleet.adapters.errors import NotFound
+
+        async with self._errors():
+            try:
+                await self._registry.delete_tenant(name)
+            except NotFound:
+                pass
+
+    async def list_keys(self, tenant: str) -> dict[str, str]:
+        async with self._errors():
+            return {k.key_id: k.key_hash for k in await self._registry.list_keys(tenant)
+                    if not k.revoked}
+
+    async def add_key(self, tenant: str, key_id: str, key_hash: str) -> None:
+        from lorafleet.adapters.errors import AlreadyExists
+        from lorafleet.adapters.model import ApiKey
+
+        async with self._errors():
+            try:
+                await self._registry.add_key(ApiKey(key_id=key_id, tenant=tenant,
+                                                    key_hash=key_hash, created_at=self._clock()))
+            except AlreadyExists as exc:
+                # A revoked key stays revoked (the registry keeps its id and hash).
+                raise SpecError(f"API key {key_id} was used before (revoked or another "
+                                "tenant's): put a new key in the Secret") from exc
+
+    async def revoke_key(self, tenant: str, key_id: str) -> None:
+        from lorafleet.adapters.errors import NotFound
+
+        async with self._errors():
+            try:
+                await self._registry.revoke_key(tenant, key_id)
+            except NotFound:
+                pass
+
+    def _errors(self) -> Any:
+        return _RegistryErrors()
+
+
+class _RegistryErrors:
+    """Turn `RegistryUnavailable` into the operator's transient error."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        from lorafleet.adapters.errors import RegistryUnavailable
+
+        if isinstance(exc, RegistryUnavailable):
+            raise ServingUnavailable(f"registry unavailable: {exc}") from exc
+        return False

@@ -2,15 +2,15 @@
 
 Serving is a faithful in-test implementation of the admin API contract (docs/contracts.md): it
 fetches with `lorafleet.adapters.fetch_adapter` and validates with `validate_adapter_dir` against
-a tiny Llama config, so invalid adapters are refused by the real rules. Tenants and keys go to an
-in-memory store the fake serving shares (it answers 404 for unknown tenants, like the real one).
+a tiny Llama config, so invalid adapters are refused by the real rules. Tenants and keys go to
+the real registry (SQLite backend), which the fake serving reads (404 for unknown tenants).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import base64
+import contextlib
 import json
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,7 +33,8 @@ from lorafleet.adapters.validation import ValidationLimits, validate_adapter_dir
 from lorafleet.operator.handlers import Dependencies, make_registry, make_settings  # noqa: E402
 from lorafleet.operator.serving_client import ServingClient  # noqa: E402
 from lorafleet.operator.settings import OperatorConfig  # noqa: E402
-from lorafleet.operator.tenant_store import MemoryTenantStore  # noqa: E402
+from lorafleet.adapters.registry import Registry, open_registry  # noqa: E402
+from lorafleet.operator.tenant_store import RegistryTenantStore  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
 CRD_DIR = REPO / "charts" / "lorafleet" / "crds"
@@ -74,8 +75,8 @@ def write_adapter(dest: Path, *, base_model: str = BASE_MODEL, rank: int = 2,
 class FakeServing:
     """The admin API of docs/contracts.md over in-memory state, with real fetch and validation."""
 
-    def __init__(self, tenants: MemoryTenantStore, workdir: Path, replicas: int = 2) -> None:
-        self.tenants = tenants
+    def __init__(self, registry: Registry, workdir: Path, replicas: int = 2) -> None:
+        self.registry = registry
         self.workdir = workdir
         self.base = base_model_info_from_config(TINY_CONFIG, BASE_MODEL)
         self.adapters: dict[tuple[str, str], dict[str, Any]] = {}
@@ -115,12 +116,12 @@ class FakeServing:
             return self._error(404, "not found", "not_found")
         rest = parts[2:]
         if request.method == "GET" and rest == ["replicas"]:
-            return httpx.Response(200, json=[{"replica_id": r, "adapters": sorted(ids)}
-                                             for r, ids in self.replicas.items()])
+            return httpx.Response(200, json={"data": [{"replica_id": r, "adapters": sorted(ids)}
+                                                      for r, ids in self.replicas.items()]})
         if len(rest) < 3 or rest[0] != "tenants" or rest[2] != "adapters":
             return self._error(404, "not found", "not_found")
         tenant = rest[1]
-        if tenant not in self.tenants.tenants:
+        if await self.registry.get_tenant(tenant) is None:
             return self._error(404, f"tenant {tenant!r} not found", "tenant_not_found")
         body = json.loads(request.content) if request.content else {}
         if request.method == "POST" and len(rest) == 3:
@@ -267,18 +268,27 @@ def workdir() -> Any:
         yield Path(tmp)
 
 
-@pytest.fixture()
-def tenant_store() -> MemoryTenantStore:
-    return MemoryTenantStore()
+@pytest_asyncio.fixture()
+async def registry(workdir: Path) -> AsyncIterator[Registry]:
+    """The real registry (SQLite backend): what the operator writes, serving reads."""
+    reg = open_registry(f"sqlite:///{workdir}/registry.db")
+    yield reg
+    await reg.close()
 
 
 @pytest.fixture()
-def serving(tenant_store: MemoryTenantStore, workdir: Path) -> FakeServing:
-    return FakeServing(tenant_store, workdir / "serving")
+def tenant_store(registry: Registry) -> RegistryTenantStore:
+    return RegistryTenantStore(registry)
+
+
+@pytest.fixture()
+def serving(registry: Registry, workdir: Path) -> FakeServing:
+    return FakeServing(registry, workdir / "serving")
 
 
 @pytest_asyncio.fixture()
-async def cluster(serving: FakeServing, tenant_store: MemoryTenantStore) -> AsyncIterator[Cluster]:
+async def cluster(serving: FakeServing,
+                  tenant_store: RegistryTenantStore) -> AsyncIterator[Cluster]:
     async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s):
         declare_resources(k8s)
         client = ServingClient("http://serving", "admin-key",
