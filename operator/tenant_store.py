@@ -7,6 +7,7 @@ here (`lorafleet.adapters.keys.hash_key`); the plaintext never leaves the Secret
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
@@ -95,10 +96,8 @@ class RegistryTenantStore:
         from lorafleet.adapters.errors import NotFound
 
         async with self._errors():
-            try:
+            with contextlib.suppress(NotFound):
                 await self._registry.delete_tenant(name)
-            except NotFound:
-                pass
 
     async def list_keys(self, tenant: str) -> dict[str, str]:
         async with self._errors():
@@ -122,10 +121,8 @@ class RegistryTenantStore:
         from lorafleet.adapters.errors import NotFound
 
         async with self._errors():
-            try:
+            with contextlib.suppress(NotFound):  # already gone is what we want
                 await self._registry.revoke_key(tenant, key_id)
-            except NotFound:
-                pass
 
     def _errors(self) -> Any:
         return _RegistryErrors()

@@ -28,12 +28,12 @@ kopf = pytest.importorskip("kopf")
 
 from lorafleet.adapters.basemodel import base_model_info_from_config  # noqa: E402
 from lorafleet.adapters.errors import AdapterFetchError, AdapterValidationError  # noqa: E402
+from lorafleet.adapters.registry import Registry, open_registry  # noqa: E402
 from lorafleet.adapters.sources import fetch_adapter  # noqa: E402
 from lorafleet.adapters.validation import ValidationLimits, validate_adapter_dir  # noqa: E402
 from lorafleet.operator.handlers import Dependencies, make_registry, make_settings  # noqa: E402
 from lorafleet.operator.serving_client import ServingClient  # noqa: E402
 from lorafleet.operator.settings import OperatorConfig  # noqa: E402
-from lorafleet.adapters.registry import Registry, open_registry  # noqa: E402
 from lorafleet.operator.tenant_store import RegistryTenantStore  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
