@@ -11,8 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
-from lorafleet.loadtest.errors import LoadTestError
 from rich.console import Console
+
+from lorafleet.loadtest.errors import LoadTestError
 
 SCENARIOS = ("multi-lora", "burst", "cold-start", "overhead")
 

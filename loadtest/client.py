@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+
 from lorafleet.loadtest.errors import TargetUnreachableError
 from lorafleet.loadtest.metrics import RequestRecord
 from lorafleet.loadtest.workload import PlannedRequest

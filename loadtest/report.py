@@ -14,6 +14,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from rich.table import Table
+
 from lorafleet.loadtest.errors import LoadTestError
 from lorafleet.loadtest.metrics import (
     SLO,
@@ -24,7 +26,6 @@ from lorafleet.loadtest.metrics import (
     summarize_by,
     throughput_timeline,
 )
-from rich.table import Table
 
 RESULTS_VERSION = 1
 

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import httpx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 from lorafleet.loadtest import client
 from lorafleet.loadtest.metrics import RequestRecord
 from lorafleet.loadtest.workload import ClosedArrival, PlannedRequest, Workload
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 GRACE_S = 5.0
 

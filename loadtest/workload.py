@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from lorafleet.loadtest.errors import WorkloadError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lorafleet.loadtest.errors import WorkloadError
 
 
 class _Model(BaseModel):

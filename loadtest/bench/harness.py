@@ -15,6 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 from lorafleet.loadtest.bench import servers
 from lorafleet.loadtest.bench.scenarios import (
     ADAPTER_RANK,
@@ -29,8 +32,6 @@ from lorafleet.loadtest.compare import compare_results, ratio
 from lorafleet.loadtest.errors import LoadTestError, ServerStartError
 from lorafleet.loadtest.report import write_json, write_report
 from lorafleet.loadtest.runner import run_workload
-from rich.console import Console
-from rich.table import Table
 
 SYSTEMS = ("vllm", "lorafleet")
 READY_TIMEOUT_S = {"vllm": 240.0, "lorafleet": 420.0}

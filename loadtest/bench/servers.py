@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
 from lorafleet.loadtest.errors import ServerStartError
 
 HOST = "127.0.0.1"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from lorafleet.loadtest.bench import servers
 from lorafleet.loadtest.runner import run_workload
 from lorafleet.loadtest.workload import parse_workload

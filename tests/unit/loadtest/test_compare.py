@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from lorafleet.loadtest.compare import compare_results, compare_summaries, ratio
 
 

@@ -7,6 +7,7 @@ import json
 
 import httpx
 import pytest
+
 from lorafleet.loadtest.client import probe
 from lorafleet.loadtest.errors import TargetUnreachableError
 from lorafleet.loadtest.metrics import SLO

@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
 from lorafleet.loadtest.errors import WorkloadError
 from lorafleet.loadtest.workload import (
     burst_rate_at,
