@@ -34,6 +34,24 @@ def load_or_create_admin_key(data_dir: Path, given: str | None) -> str:
     return key
 
 
+def make_intake(
+    engine_config: EngineConfig, data_dir: Path, *, max_bytes: int = 512 * 2**20,
+    cache_bytes: int = 10 * 2**30,
+) -> AdapterIntake:
+    """Adapter intake rooted in ``data_dir``, validating against the engine's base model."""
+    intake = AdapterIntake(
+        base=load_base_model_info(engine_config.model_dir, engine_config.served_model_name),
+        cache_dir=data_dir / "adapter-cache",
+        work_dir=data_dir / "tmp",
+        max_rank=engine_config.max_lora_rank,
+        max_bytes=max_bytes,
+        cache_bytes=cache_bytes,
+    )
+    intake.cache_dir.mkdir(parents=True, exist_ok=True)
+    intake.work_dir.mkdir(parents=True, exist_ok=True)
+    return intake
+
+
 def make_services(
     *,
     engine_config: EngineConfig,
@@ -46,16 +64,9 @@ def make_services(
     adapter_max_bytes: int = 512 * 2**20,
     adapter_cache_bytes: int = 10 * 2**30,
 ) -> ApiServices:
-    intake = AdapterIntake(
-        base=load_base_model_info(engine_config.model_dir, engine_config.served_model_name),
-        cache_dir=data_dir / "adapter-cache",
-        work_dir=data_dir / "tmp",
-        max_rank=engine_config.max_lora_rank,
-        max_bytes=adapter_max_bytes,
-        cache_bytes=adapter_cache_bytes,
+    intake = make_intake(
+        engine_config, data_dir, max_bytes=adapter_max_bytes, cache_bytes=adapter_cache_bytes
     )
-    intake.cache_dir.mkdir(parents=True, exist_ok=True)
-    intake.work_dir.mkdir(parents=True, exist_ok=True)
     return ApiServices(
         served_model_name=engine_config.served_model_name,
         registry=open_registry(registry_url),

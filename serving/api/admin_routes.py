@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
 from lorafleet.adapters.cache import AdapterCache
 from lorafleet.adapters.errors import (
     AdapterFetchError,
@@ -20,7 +22,6 @@ from lorafleet.adapters.ingest import import_adapter
 from lorafleet.adapters.keys import generate_key, hash_key
 from lorafleet.adapters.model import AdapterRecord, ApiKey, Quota, Tenant
 from lorafleet.adapters.validation import ValidationLimits
-from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.errors import EngineError
 from ..engine.protocol import AdapterRef

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+
 from lorafleet.adapters.errors import RegistryUnavailable
 
 from ..metrics import merge_expositions

@@ -45,6 +45,9 @@ class _SamplingFields(BaseModel):
     user: str | None = Field(default=None, max_length=256)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    ignore_eos: bool = Field(
+        default=False, description="vLLM extension: keep generating past end-of-sequence."
+    )
     lorafleet: LoRAFleetOptions | None = None
 
     @field_validator("stop")

@@ -136,6 +136,9 @@ class VLLMEngine:
             top_p=s.top_p,
             seed=s.seed,
             stop=list(s.stop) or None,
+            ignore_eos=s.ignore_eos,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
             output_kind=RequestOutputKind.DELTA,
         )
         self._in_flight += 1

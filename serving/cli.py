@@ -1,0 +1,297 @@
+"""The ``lorafleet`` command: serve, demo keys, administration, load tests, operator.
+
+Boundary: argument parsing and printing. ``serve`` wires settings into ``deploy``; the
+admin commands are thin clients of the admin HTTP API of a running server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _serve_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="Run the serving tier (Ray Serve + vLLM) on this machine.")
+    demo = p.add_mutually_exclusive_group()
+    demo.add_argument("--demo", dest="demo", action="store_true", default=None,
+                      help="Prepare and serve the embedded demo (default without --model-dir).")
+    demo.add_argument("--no-demo", dest="demo", action="store_false",
+                      help="Serve only what the registry holds.")
+    p.add_argument("--host", default=None, help="Listen address (default 127.0.0.1).")
+    p.add_argument("--port", type=int, default=None, help="Listen port (default 8000).")
+    p.add_argument("--model-dir", default=None, help="Base model directory (HF layout).")
+    p.add_argument("--served-model-name", default=None, help="Base model name in the API.")
+    p.add_argument("--data-dir", default=None, help="Models, cache, registry (default .lorafleet).")
+    p.add_argument("--registry", dest="registry_url", default=None,
+                   help="sqlite:///path or redis://host:port/db (default SQLite in data dir).")
+    p.add_argument("--admin-key", default=None, help="Admin credential (or LORAFLEET_ADMIN_KEY).")
+    p.add_argument("--replicas", type=int, default=None, help="Engine replicas (default 1).")
+    p.add_argument("--ray-address", default=None, help="Attach to this Ray cluster.")
+    p.add_argument("--max-loras", type=int, default=4, help="Adapter slots per batch.")
+    p.add_argument("--max-lora-rank", type=int, default=32, help="Largest adapter rank.")
+    p.add_argument("--max-cpu-loras", type=int, default=32, help="Adapters resident per replica.")
+    p.add_argument("--max-model-len", type=int, default=2048, help="Context length.")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="Most sequences per batch.")
+    p.add_argument("--kv-cache-gib", type=float, default=2.0, help="KV cache per replica (GiB).")
+    p.add_argument("--dtype", default="bfloat16", help="Model dtype.")
+    p.set_defaults(func=cmd_serve)
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from .config import ServeSettings
+
+    given = {k: getattr(args, k) for k in (
+        "host", "port", "data_dir", "registry_url", "admin_key", "replicas", "ray_address"
+    ) if getattr(args, k, None) is not None}
+    return ServeSettings(**given)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from . import deploy
+    from .assemble import load_or_create_admin_key, make_intake
+    from .config import EngineConfig
+
+    started = time.monotonic()
+    settings = _settings(args)
+    data_dir = Path(settings.data_dir).resolve()
+    settings = settings.model_copy(update={"data_dir": data_dir})
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(data_dir / "vllm-cache"))
+    demo = args.demo if args.demo is not None else args.model_dir is None
+    if args.model_dir is None and not demo:
+        print("error: --no-demo needs --model-dir", file=sys.stderr)
+        return 2
+    if demo and args.model_dir is None:
+        from .demo import DEMO_MODEL_NAME
+        from .demo.basemodel import prepare_base_model
+
+        model_dir = prepare_base_model(data_dir / "models" / DEMO_MODEL_NAME)
+        served = DEMO_MODEL_NAME
+    else:
+        model_dir = Path(args.model_dir).resolve()
+        served = args.served_model_name or model_dir.name
+    admin_key = load_or_create_admin_key(data_dir, settings.admin_key)
+    settings = settings.model_copy(update={"admin_key": admin_key})
+    engine_config = EngineConfig(
+        model_dir=str(model_dir), served_model_name=served, dtype=args.dtype,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+        max_cpu_loras=args.max_cpu_loras, kv_cache_bytes=int(args.kv_cache_gib * 2**30),
+    )
+    keys: dict[str, str] = {}
+    if demo:
+        from lorafleet.adapters.registry import open_registry
+
+        from .seed import seed_demo
+
+        async def _seed() -> dict[str, str]:
+            registry = open_registry(settings.registry())
+            try:
+                return await seed_demo(registry, make_intake(engine_config, data_dir), data_dir)
+            finally:
+                await registry.close()
+
+        keys = asyncio.run(_seed())
+    print(f"Starting LoRAFleet: model {served}, {settings.replicas} engine replica(s)...", flush=True)
+    deploy.run(settings, engine_config, ray_temp_dir=Path("/tmp") / "lorafleet-ray")
+    base = f"http://{settings.host}:{settings.port}"
+    _wait_healthy(base + "/health", timeout=600)
+    _banner(base, served, keys, data_dir, time.monotonic() - started)
+    stop = {"now": False}
+
+    def _stop(*_: Any) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stop["now"]:
+            time.sleep(0.5)
+    finally:
+        print("Shutting down...", flush=True)
+        deploy.shutdown()
+    return 0
+
+
+def _wait_healthy(url: str, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"server did not become healthy at {url} within {timeout:.0f}s")
+
+
+def _banner(base: str, served: str, keys: dict[str, str], data_dir: Path, took: float) -> None:
+    print(f"\nLoRAFleet is serving at {base}/v1 (ready in {took:.1f}s)")
+    print(f"  base model: {served}")
+    if keys:
+        from .seed import DEMO_TENANTS
+
+        for tenant, key in keys.items():
+            adapters = ", ".join(DEMO_TENANTS.get(tenant, ("", ()))[1])
+            print(f"  tenant {tenant:<6} key {key}   adapters: {adapters}")
+    print(f"  admin key: in {data_dir / 'admin.key'}")
+    if keys:
+        tenant, key = next(iter(keys.items()))
+        print(f"\nTry:\n  curl {base}/v1/chat/completions -H 'Authorization: Bearer {key}' "
+              "-H 'Content-Type: application/json' \\\n"
+              "    -d '{\"model\": \"french\", \"messages\": [{\"role\": \"user\", "
+              "\"content\": \"What is the capital of Italy?\"}]}'")
+    print("Press Ctrl-C to stop.\n", flush=True)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .seed import read_demo_keys
+
+    data_dir = Path(args.data_dir or ".lorafleet")
+    keys = read_demo_keys(data_dir)
+    if not keys:
+        print(f"No demo keys in {data_dir}; run `lorafleet serve` (or `make run`) first.", file=sys.stderr)
+        return 1
+    for tenant, key in keys.items():
+        print(f"{tenant}\t{key}")
+    admin = data_dir / "admin.key"
+    if admin.exists():
+        print(f"admin\t{admin.read_text().strip()}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .demo import DEMO_MODEL_NAME
+    from .demo.basemodel import prepare_base_model
+
+    data_dir = Path(args.data_dir or ".lorafleet").resolve()
+    path = prepare_base_model(data_dir / "models" / DEMO_MODEL_NAME)
+    print(path)
+    return 0
+
+
+# -- admin client ----------------------------------------------------------------------
+
+
+def _admin_call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> int:
+    import httpx
+
+    key = args.admin_key or os.environ.get("LORAFLEET_ADMIN_KEY")
+    if not key:
+        key_file = Path(args.data_dir or ".lorafleet") / "admin.key"
+        key = key_file.read_text().strip() if key_file.exists() else None
+    if not key:
+        print("error: no admin key (--admin-key, LORAFLEET_ADMIN_KEY or <data-dir>/admin.key)",
+              file=sys.stderr)
+        return 2
+    try:
+        r = httpx.request(method, args.url.rstrip("/") + path, json=body,
+                          headers={"Authorization": f"Bearer {key}"}, timeout=300)
+    except httpx.HTTPError as e:
+        print(f"error: cannot reach {args.url}: {e}", file=sys.stderr)
+        return 1
+    if r.status_code == 204:
+        print("ok")
+        return 0
+    try:
+        payload = r.json()
+    except ValueError:
+        payload = r.text
+    if r.status_code >= 400:
+        msg = payload.get("error", {}).get("message") if isinstance(payload, dict) else payload
+        print(f"error ({r.status_code}): {msg}", file=sys.stderr)
+        return 1
+    print(json.dumps(payload, indent=2))
+    return 0
+
+
+def _admin_parsers(sub: Any) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=DEFAULT_URL, help="Server URL (default %(default)s).")
+    common.add_argument("--admin-key", default=None, help="Admin credential.")
+    common.add_argument("--data-dir", default=None, help="Where admin.key is (default .lorafleet).")
+
+    t = sub.add_parser("tenant", help="Manage tenants.").add_subparsers(dest="op", required=True)
+    p = t.add_parser("create", parents=[common], help="Create or update a tenant.")
+    p.add_argument("name")
+    p.add_argument("--display-name")
+    p.add_argument("--max-concurrent", type=int)
+    p.add_argument("--rpm", type=int, help="Requests per minute.")
+    p.add_argument("--tpm", type=int, help="Tokens per minute.")
+    p.set_defaults(func=lambda a: _admin_call(a, "POST", "/admin/v1/tenants", {
+        "name": a.name, "display_name": a.display_name,
+        "quota": {"max_concurrent": a.max_concurrent, "requests_per_minute": a.rpm,
+                  "tokens_per_minute": a.tpm}}))
+    p = t.add_parser("list", parents=[common], help="List tenants.")
+    p.set_defaults(func=lambda a: _admin_call(a, "GET", "/admin/v1/tenants"))
+    p = t.add_parser("delete", parents=[common], help="Delete a tenant, its keys and adapters.")
+    p.add_argument("name")
+    p.set_defaults(func=lambda a: _admin_call(a, "DELETE", f"/admin/v1/tenants/{a.name}"))
+
+    k = sub.add_parser("key", help="Manage API keys.").add_subparsers(dest="op", required=True)
+    p = k.add_parser("create", parents=[common], help="Create a key (shown once).")
+    p.add_argument("tenant")
+    p.set_defaults(func=lambda a: _admin_call(a, "POST", f"/admin/v1/tenants/{a.tenant}/keys", {}))
+    p = k.add_parser("revoke", parents=[common], help="Revoke a key by its id.")
+    p.add_argument("tenant")
+    p.add_argument("key_id")
+    p.set_defaults(func=lambda a: _admin_call(
+        a, "DELETE", f"/admin/v1/tenants/{a.tenant}/keys/{a.key_id}"))
+
+    d = sub.add_parser("adapter", help="Manage adapters.").add_subparsers(dest="op", required=True)
+    p = d.add_parser("add", parents=[common], help="Fetch, validate, register and load an adapter.")
+    p.add_argument("tenant")
+    p.add_argument("name")
+    p.add_argument("source", help="Path, file://, hf://, http(s):// or s3:// URI.")
+    p.add_argument("--shared", action="store_true", help="Visible to every tenant.")
+    p.add_argument("--no-load", action="store_true", help="Register only; load on first use.")
+    p.set_defaults(func=lambda a: _admin_call(a, "POST", f"/admin/v1/tenants/{a.tenant}/adapters", {
+        "name": a.name, "source": a.source, "shared": a.shared, "load": not a.no_load}))
+    p = d.add_parser("list", parents=[common], help="List a tenant's adapters.")
+    p.add_argument("tenant")
+    p.set_defaults(func=lambda a: _admin_call(a, "GET", f"/admin/v1/tenants/{a.tenant}/adapters"))
+    p = d.add_parser("delete", parents=[common], help="Unload everywhere and unregister.")
+    p.add_argument("tenant")
+    p.add_argument("name")
+    p.set_defaults(func=lambda a: _admin_call(
+        a, "DELETE", f"/admin/v1/tenants/{a.tenant}/adapters/{a.name}"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorafleet", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    p = sub.add_parser("keys", help="Show the demo tenants' API keys and the admin key again.")
+    p.add_argument("--data-dir", default=None)
+    p.set_defaults(func=cmd_keys)
+    p = sub.add_parser("prepare", help="Build the demo base model (SmolLM2-135M-Instruct) only.")
+    p.add_argument("--data-dir", default=None)
+    p.set_defaults(func=cmd_prepare)
+    _admin_parsers(sub)
+    for module in ("lorafleet.loadtest.cli", "lorafleet.operator.cli"):
+        try:
+            mod = __import__(module, fromlist=["register"])
+        except ImportError:
+            continue
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Ray Serve wiring: engine replicas behind an ingress, with adapter affinity.
+
+Boundary: Ray only. The API app, engine and policies are built elsewhere and injected.
+
+    HTTP (Ray Serve proxy) -> Ingress (FastAPI app from ``api.app.build_app``)
+                                 -> RayEngineClient -> EngineReplica x N (``VLLMEngine`` each)
+
+Adapter affinity is Ray Serve model multiplexing: a request for an adapter carries its
+adapter id as ``multiplexed_model_id``; Serve routes it to a replica that already holds
+that id when one exists, and each replica loads adapters through its multiplexed loader
+(bounded by ``max_cpu_loras``, LRU). Control-plane calls (load everywhere, unload, stats,
+metrics) fan out with ``DeploymentHandle.broadcast``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from .config import EngineConfig, ServeSettings
+from .engine.protocol import AdapterRef, EngineStats, GenerateRequest, TokenDelta
+
+log = logging.getLogger(__name__)
+APP_NAME = "lorafleet"
+
+
+class _ResidentAdapter:
+    """What the multiplexer caches per adapter; unloading it frees the engine's copy."""
+
+    def __init__(self, engine: Any, adapter_id: str) -> None:
+        self.engine = engine
+        self.adapter_id = adapter_id
+
+    async def __del__(self) -> None:  # called (and awaited) by Serve on LRU eviction
+        from .engine.errors import AdapterBusy
+
+        # Still in use: the engine's own LRU drops it once idle.
+        with contextlib.suppress(AdapterBusy):
+            await self.engine.unload_adapter(self.adapter_id)
+
+
+def engine_deployment(config: EngineConfig, num_replicas: int) -> Any:
+    """The engine replica deployment class, parametrised by the engine's adapter capacity."""
+
+    @serve.deployment(
+        name="EngineReplica",
+        num_replicas=num_replicas,
+        max_ongoing_requests=max(8, config.max_num_seqs * 2),
+        ray_actor_options={"num_cpus": 0},
+        health_check_period_s=10,
+        health_check_timeout_s=60,
+    )
+    class EngineReplica:
+        async def __init__(self, engine_config: dict[str, Any]) -> None:
+            from .engine.vllm_engine import VLLMEngine
+
+            ctx = serve.get_replica_context()
+            self.engine = VLLMEngine(EngineConfig(**engine_config), replica_id=ctx.replica_id.unique_id)
+            self._paths: dict[str, str] = {}
+            await self.engine.start()
+
+        @serve.multiplexed(max_num_models_per_replica=config.max_cpu_loras)
+        async def _adapter(self, adapter_id: str) -> _ResidentAdapter:
+            await self.engine.load_adapter(AdapterRef(adapter_id, self._paths[adapter_id]))
+            return _ResidentAdapter(self.engine, adapter_id)
+
+        async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+            if request.adapter is not None:
+                self._paths[request.adapter.adapter_id] = request.adapter.path
+                await self._adapter(request.adapter.adapter_id)
+            async for delta in self.engine.generate(request):
+                yield delta
+
+        async def load_adapter(self, adapter: AdapterRef) -> str:
+            self._paths[adapter.adapter_id] = adapter.path
+            await self._adapter(adapter.adapter_id)
+            return self.engine.replica_id
+
+        async def unload_adapter(self, adapter_id: str) -> bool:
+            return await self.engine.unload_adapter(adapter_id)
+
+        async def stats(self) -> EngineStats:
+            return await self.engine.stats()
+
+        async def metrics_text(self) -> str:
+            from .metrics import engine_metrics_text
+
+            return engine_metrics_text(self.engine.replica_id)
+
+        async def check_health(self) -> None:
+            await self.engine.llm.check_health()
+
+    return EngineReplica
+
+
+class RayEngineClient:
+    """``EngineClient`` over a Ray Serve handle to the engine replicas."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle = handle
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        model_id = request.adapter.adapter_id if request.adapter else ""
+        stream = self.handle.options(stream=True, multiplexed_model_id=model_id).generate.remote(
+            request
+        )
+        done = False
+        try:
+            async for delta in stream:
+                yield delta
+            done = True
+        finally:
+            if not done:
+                stream.cancel()  # propagates to the replica, which aborts the vLLM request
+
+    async def load_adapter(self, adapter: AdapterRef, replicas: int | None = None) -> list[str]:
+        if replicas == 1:
+            h = self.handle.options(multiplexed_model_id=adapter.adapter_id)
+            return [await h.load_adapter.remote(adapter)]
+        # Several replicas: Serve has no "N of M" call, so load everywhere.
+        return list(await self.handle.broadcast("load_adapter", adapter).results_async())
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        await self.handle.broadcast("unload_adapter", adapter_id).results_async()
+
+    async def replica_stats(self) -> list[EngineStats]:
+        stats = await self.handle.broadcast("stats").results_async()
+        return sorted(stats, key=lambda s: s.replica_id)
+
+    async def metrics_text(self) -> str:
+        from .metrics import merge_expositions
+
+        texts = await self.handle.broadcast("metrics_text").results_async()
+        return merge_expositions(list(texts))
+
+
+@serve.deployment(name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class Ingress:
+    """The HTTP front: tenancy, validation, quotas and metrics, then the engine replicas."""
+
+    def __init__(self, settings: dict[str, Any], engine_config: dict[str, Any], engines: Any) -> None:
+        from .assemble import make_services
+
+        s = ServeSettings(**settings)
+        self.services = make_services(
+            engine_config=EngineConfig(**engine_config),
+            engines=RayEngineClient(engines),
+            registry_url=s.registry(),
+            data_dir=Path(s.data_dir),
+            admin_key=s.admin_key or "",
+            max_body_bytes=s.max_body_bytes,
+            top_k_adapters=s.metrics_top_adapters,
+            adapter_max_bytes=s.adapter_max_bytes,
+            adapter_cache_bytes=s.adapter_cache_bytes,
+        )
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from .api.app import build_app
+
+        return build_app(self.services)
+
+
+def build_app(settings: ServeSettings, engine_config: EngineConfig) -> Any:
+    """The Serve application graph (also the import path a RayService's serveConfig names)."""
+    engines = engine_deployment(engine_config, settings.replicas).bind(engine_config.model_dump())
+    return Ingress.bind(settings.model_dump(mode="json"), engine_config.model_dump(), engines)
+
+
+def run(settings: ServeSettings, engine_config: EngineConfig, *, ray_temp_dir: Path | None = None) -> None:
+    """Start (or attach to) Ray, deploy the app on ``settings.host:port`` and return."""
+    import ray
+
+    if not ray.is_initialized():
+        if settings.ray_address:
+            ray.init(address=settings.ray_address, namespace=APP_NAME)
+        else:
+            ray.init(
+                namespace=APP_NAME,
+                include_dashboard=False,
+                _temp_dir=str(ray_temp_dir) if ray_temp_dir else None,
+                log_to_driver=True,
+            )
+    serve.start(http_options={"host": settings.host, "port": settings.port}, detached=False)
+    serve.run(build_app(settings, engine_config), name=APP_NAME, route_prefix="/", blocking=False)
+
+
+def shutdown() -> None:
+    import ray
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
