@@ -286,20 +286,17 @@ def serving(registry: Registry, workdir: Path) -> FakeServing:
     return FakeServing(registry, workdir / "serving")
 
 
-@pytest_asyncio.fixture()
-async def cluster(serving: FakeServing,
-                  tenant_store: RegistryTenantStore) -> AsyncIterator[Cluster]:
+@contextlib.asynccontextmanager
+async def run_operator(client: ServingClient, tenant_store: Any) -> AsyncIterator[Cluster]:
+    """The emulator with our CRDs declared, and the real kopf operator running against it."""
     async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s):
         declare_resources(k8s)
-        client = ServingClient("http://serving", "admin-key",
-                               transport=httpx.MockTransport(serving.handle), replicas_ttl=0.0)
         config = OperatorConfig(resync_seconds=0.5, tenant_resync_seconds=1.0)
         deps = Dependencies(serving=client, tenants=tenant_store, config=config)
 
         def login(**_: Any) -> Any:
             return kopf.ConnectionInfo(server=str(k8s.url).rstrip("/"), insecure=True)
 
-        registry = make_registry(deps, login=login)
         settings = make_settings()
         settings.scanning.disabled = True
         settings.posting.enabled = False
@@ -309,8 +306,8 @@ async def cluster(serving: FakeServing,
         stop = asyncio.Event()
         ready = asyncio.Event()
         task = asyncio.create_task(kopf.operator(
-            registry=registry, settings=settings, namespaces=[NAMESPACE], standalone=True,
-            stop_flag=stop, ready_flag=ready))
+            registry=make_registry(deps, login=login), settings=settings,
+            namespaces=[NAMESPACE], standalone=True, stop_flag=stop, ready_flag=ready))
         try:
             await asyncio.wait_for(ready.wait(), 10)
             yield Cluster(k8s)
@@ -319,4 +316,15 @@ async def cluster(serving: FakeServing,
             # kopf cancels its timers on the way out; their CancelledError may surface here.
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(task, 15)
-            await client.aclose()
+
+
+@pytest_asyncio.fixture()
+async def cluster(serving: FakeServing,
+                  tenant_store: RegistryTenantStore) -> AsyncIterator[Cluster]:
+    client = ServingClient("http://serving", "admin-key",
+                           transport=httpx.MockTransport(serving.handle), replicas_ttl=0.0)
+    try:
+        async with run_operator(client, tenant_store) as cluster:
+            yield cluster
+    finally:
+        await client.aclose()
