@@ -194,7 +194,8 @@ def kinds(docs: list[dict[str, Any]]) -> list[str]:
 
 def one(docs: list[dict[str, Any]], kind: str, name_suffix: str = "") -> dict[str, Any]:
     found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(name_suffix)]
-    assert len(found) == 1, f"expected one {kind} *{name_suffix}, got {[d['metadata']['name'] for d in found]}"
+    names = [d["metadata"]["name"] for d in found]
+    assert len(found) == 1, f"expected one {kind} *{name_suffix}, got {names}"
     return found[0]
 
 
