@@ -168,7 +168,7 @@ def render(values: dict[str, Any]) -> list[dict[str, Any]]:
     """Render the chart as `helm install` would (offline: `lookup` finds nothing)."""
     with helm.Chart.load(CHART) as chart:
         files = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
-    docs = []
+    docs: list[dict[str, Any]] = []
     for path, text in sorted(files.items()):
         if path.endswith("NOTES.txt"):
             continue
@@ -436,7 +436,7 @@ def test_production_values_add_hpa_ingress_and_persistence() -> None:
 # --- operator RBAC and the CRDs --------------------------------------------------------------
 
 def crd_documents() -> list[dict[str, Any]]:
-    docs = []
+    docs: list[dict[str, Any]] = []
     for path in sorted((CHART / "crds").glob("*.yaml")):
         docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
     return [d for d in docs if d.get("kind") == "CustomResourceDefinition"]
@@ -558,7 +558,7 @@ def test_every_value_is_documented() -> None:
     text = (CHART / "values.yaml").read_text()
     values = yaml.safe_load(text)
     documented = set(re.findall(r"^\s*## @param (\S+) \S", text, flags=re.M))
-    all_paths = set()
+    all_paths: set[str] = set()
     for path in _leaf_paths(values):
         parts = path.split(".")
         all_paths.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
