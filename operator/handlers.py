@@ -122,9 +122,12 @@ async def reconcile_adapter(
             logger.debug("adapter %s/%s: %s (%s)", aspec.tenant, aspec.name,
                          decision.action, decision.reason)
             if decision.action is Action.REGISTER:
+                # A first registration is checked (base model) before anything loads; a new
+                # version loads at once, so the name never points at an unloaded adapter long.
+                rolling = decision.reason == "SourceChanged"
                 try:
                     await deps.serving.register_adapter(aspec.tenant, aspec.name,
-                                                        source_ref(aspec), load=False)
+                                                        source_ref(aspec), load=rolling)
                 except AdapterRejected as exc:
                     decision = Decision(Action.FAIL, Phase.FAILED, "ValidationFailed",
                                         exc.message)

@@ -287,10 +287,17 @@ def serving(registry: Registry, workdir: Path) -> FakeServing:
 
 
 @contextlib.asynccontextmanager
-async def run_operator(client: ServingClient, tenant_store: Any) -> AsyncIterator[Cluster]:
-    """The emulator with our CRDs declared, and the real kopf operator running against it."""
-    async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s):
-        declare_resources(k8s)
+async def run_operator(client: ServingClient, tenant_store: Any,
+                       k8s: Any = None) -> AsyncIterator[Cluster]:
+    """The emulator with our CRDs declared, and the real kopf operator running against it.
+
+    Pass a running emulator (`k8s`) to start another operator on the same objects (a restart).
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        if k8s is None:
+            k8s = await stack.enter_async_context(kmock.KubernetesEmulator())
+            await stack.enter_async_context(kmock.Server(k8s))
+            declare_resources(k8s)
         config = OperatorConfig(resync_seconds=0.5, tenant_resync_seconds=1.0)
         deps = Dependencies(serving=client, tenants=tenant_store, config=config)
 

@@ -6,7 +6,21 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from .conftest import ADAPTERS, BASE_MODEL, TENANTS, Cluster, FakeServing, write_adapter
+import httpx
+import kmock
+
+from lorafleet.operator.serving_client import ServingClient
+
+from .conftest import (
+    ADAPTERS,
+    BASE_MODEL,
+    TENANTS,
+    Cluster,
+    FakeServing,
+    declare_resources,
+    run_operator,
+    write_adapter,
+)
 
 
 def adapter_cr(name: str, uri: str, *, base_model: str = BASE_MODEL,
@@ -95,3 +109,44 @@ async def test_new_replica_gets_adapters_placed_on_all(
     await cluster.wait_for(
         lambda: cluster.get(ADAPTERS, "sql")["status"]["readyReplicas"] == 3, what="status")
 
+
+
+async def test_spec_change_rolls_to_the_new_version_without_a_gap(
+        cluster: Cluster, serving: FakeServing, workdir: Path) -> None:
+    v1 = write_adapter(workdir / "v1", seed=1)
+    v2 = write_adapter(workdir / "v2", seed=2)
+    await cluster.apply(TENANTS, TENANT)
+    await cluster.apply(ADAPTERS, adapter_cr("roll", str(v1)))
+    await cluster.wait_for(lambda: phase(cluster, "roll") == "Ready", what="Ready")
+    old_id = cluster.get(ADAPTERS, "roll")["status"]["adapterId"]
+
+    spec = cluster.get(ADAPTERS, "roll")["spec"]
+    await cluster.patch_spec(ADAPTERS, "roll", {**spec, "source": {"uri": str(v2)}}, generation=2)
+    await cluster.wait_for(
+        lambda: cluster.get(ADAPTERS, "roll")["status"].get("source") == str(v2)
+        and phase(cluster, "roll") == "Ready", what="rolled")
+    status = cluster.get(ADAPTERS, "roll")["status"]
+    assert status["adapterId"] != old_id and status["observedGeneration"] == 2
+    assert serving.loaded_ids() == {status["adapterId"]}
+
+
+async def test_operator_restart_resumes_without_registering_again(
+        serving: FakeServing, tenant_store: Any, workdir: Path) -> None:
+    src = write_adapter(workdir / "keep")
+    client = ServingClient("http://serving", "k", transport=httpx.MockTransport(serving.handle),
+                           replicas_ttl=0.0)
+    async with kmock.KubernetesEmulator() as k8s, kmock.Server(k8s):
+        declare_resources(k8s)
+        async with run_operator(client, tenant_store, k8s) as cluster:
+            await cluster.apply(TENANTS, TENANT)
+            await cluster.apply(ADAPTERS, adapter_cr("keep", str(src)))
+            await cluster.wait_for(lambda: phase(cluster, "keep") == "Ready", what="Ready")
+        registrations = serving.calls.count(("POST", "/admin/v1/tenants/alice/adapters"))
+        serving.replicas["replica-1"].clear()  # meanwhile a serving replica restarted empty
+
+        async with run_operator(client, tenant_store, k8s) as cluster:
+            aid = serving.adapters[("alice", "keep")]["adapter_id"]
+            await cluster.wait_for(lambda: aid in serving.replicas["replica-1"], what="resync")
+            assert phase(cluster, "keep") == "Ready"
+        assert serving.calls.count(("POST", "/admin/v1/tenants/alice/adapters")) == registrations
+    await client.aclose()
