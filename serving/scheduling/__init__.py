@@ -1,0 +1,36 @@
+"""Streaming-aware (TokenFlow-style) scheduling: a pure policy and a thin vLLM adapter.
+
+Boundary: ``model`` and ``policy`` are pure (no vLLM, no clock); ``vllm_scheduler`` is the only
+module that imports vLLM, and it only translates the policy's plans into vLLM's queues.
+"""
+
+from .errors import SchedulingError, UnknownPolicyError, UnsupportedVLLMVersion
+from .model import Action, Capacity, Decision, Plan, Reason, RequestState, RequestView, TokenFlowParams
+from .policy import (
+    POLICIES,
+    buffer_occupancy,
+    decide_fcfs,
+    decide_tokenflow,
+    make_policy,
+    time_to_stall,
+)
+
+__all__ = [
+    "POLICIES",
+    "Action",
+    "Capacity",
+    "Decision",
+    "Plan",
+    "Reason",
+    "RequestState",
+    "RequestView",
+    "SchedulingError",
+    "TokenFlowParams",
+    "UnknownPolicyError",
+    "UnsupportedVLLMVersion",
+    "buffer_occupancy",
+    "decide_fcfs",
+    "decide_tokenflow",
+    "make_policy",
+    "time_to_stall",
+]

@@ -1,0 +1,145 @@
+"""Plain data the scheduling policy works on: request views, capacity, knobs, decisions.
+
+Boundary: frozen dataclasses and enums only; no vLLM, no clock, no I/O. The vLLM scheduler
+subclass builds these from its queues; tests build them by hand.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class RequestState(enum.Enum):
+    """Where a request is, as the policy sees it."""
+
+    WAITING = "waiting"
+    """Never started (no KV, no output)."""
+    RUNNING = "running"
+    PAUSED = "paused"
+    """Was running, was preempted (by us or by vLLM) and has output already."""
+
+
+class Action(enum.Enum):
+    ADMIT = "admit"
+    DEFER = "defer"
+    PAUSE = "pause"
+    RESUME = "resume"
+    KEEP_RUNNING = "keep_running"
+    KEEP_PAUSED = "keep_paused"
+
+
+class Reason(enum.Enum):
+    """Why a decision was taken. A closed set: these become metric labels."""
+
+    FCFS = "fcfs"
+    TTFT_URGENCY = "ttft_urgency"
+    DEADLINE = "deadline"
+    BUFFER_DRAINING = "buffer_draining"
+    BUFFER_SHORT = "buffer_short"
+    BUFFER_LONG = "buffer_long"
+    AWAITING_FIRST_TOKEN = "awaiting_first_token"
+    PAUSE_LIMIT = "pause_limit"
+    WAIT_BOUND = "wait_bound"
+    PAUSE_BOUND = "pause_bound"
+    NO_CAPACITY = "no_capacity"
+    LORA_SLOTS_FULL = "lora_slots_full"
+    KV_FULL = "kv_full"
+
+
+@dataclass(frozen=True)
+class RequestView:
+    """One request, as plain data. Times are seconds on the caller's clock."""
+
+    request_id: str
+    arrival: float
+    state: RequestState
+    prompt_tokens: int
+    max_tokens: int
+    generated_tokens: int = 0
+    streaming: bool = True
+    consumption_rate: float = 6.0
+    """Tokens/s the client reads (declared or default). Must be > 0."""
+    first_token_time: float | None = None
+    adapter_id: str | None = None
+    paused_since: float | None = None
+    num_pauses: int = 0
+    deadline: float | None = None
+    """Non-streaming only: when the whole answer is due. ``None``: derived from the knobs."""
+
+    @property
+    def context_tokens(self) -> int:
+        return self.prompt_tokens + self.generated_tokens
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What the batch can hold this step."""
+
+    max_running: int
+    """Batch slots the policy may fill (<= vLLM's ``max_num_seqs``)."""
+    max_loras: int
+    """Distinct adapters allowed in the running set (vLLM's ``max_loras``)."""
+    kv_blocks: int | None = None
+    """KV blocks the running set may use; ``None``: not a constraint."""
+    block_size: int = 32
+
+
+@dataclass(frozen=True)
+class TokenFlowParams:
+    """Knobs of the TokenFlow policy (seconds unless said otherwise)."""
+
+    ttft_target_s: float = 0.5
+    """A new streaming request becomes as urgent as a buffer that drains in this time."""
+    pause_min_buffer_s: float = 3.0
+    """Only requests whose client buffer lasts longer than this may be paused."""
+    resume_margin_s: float = 1.0
+    """Paused requests resume this long (plus their resume cost) before their buffer drains."""
+    prefill_tokens_per_s: float = 2000.0
+    """Estimate of recompute speed: the resume cost of a context is ``tokens / this``."""
+    adapter_load_cost_s: float = 0.05
+    """Added to the slack of a request whose adapter is not in the running set."""
+    switch_hysteresis_s: float = 0.5
+    """A running request keeps its slot unless a rival is more urgent by this much."""
+    max_wait_s: float = 10.0
+    """Waiting longer than this makes a request go first (no starvation)."""
+    max_pause_s: float = 15.0
+    """Paused longer than this makes a request go first (bounded pause)."""
+    max_pauses_per_request: int = 4
+    """A request paused this many times is never paused again."""
+    nonstream_ttft_s: float = 2.0
+    nonstream_tpot_s: float = 0.2
+    """A non-streaming request's deadline: arrival + ttft + tpot * max_tokens (if not given)."""
+    tpot_estimate_s: float = 0.05
+    """Estimate of one decode step, used to turn remaining tokens into seconds."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    request_id: str
+    action: Action
+    reason: Reason
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The policy's answer for one step: one decision per request, in start order."""
+
+    decisions: tuple[Decision, ...]
+
+    def with_action(self, *actions: Action) -> tuple[Decision, ...]:
+        return tuple(d for d in self.decisions if d.action in actions)
+
+    @property
+    def to_pause(self) -> tuple[str, ...]:
+        return tuple(d.request_id for d in self.with_action(Action.PAUSE))
+
+    @property
+    def to_start(self) -> tuple[str, ...]:
+        """Waiting and paused requests to hand to vLLM, most urgent first."""
+        return tuple(d.request_id for d in self.with_action(Action.ADMIT, Action.RESUME))
+
+    @property
+    def held(self) -> tuple[str, ...]:
+        """Requests kept out of vLLM's queues this step."""
+        return tuple(d.request_id for d in self.with_action(Action.DEFER, Action.KEEP_PAUSED))

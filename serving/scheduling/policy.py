@@ -1,0 +1,209 @@
+"""The TokenFlow policy (and stock FCFS) as pure functions over request views.
+
+Boundary: pure. ``now`` is passed in; nothing here reads a clock, the environment or vLLM.
+The vLLM scheduler subclass (``vllm_scheduler``) only translates a :class:`Plan`.
+
+The idea (see docs/scheduling.md): a streaming client reading ``c`` tokens/s, first token at
+``t0``, ``g`` tokens generated, holds ``b = max(0, g - c (now - t0))`` tokens; it stalls in
+``b / c`` seconds. Every request gets a *slack*: how long it can go without service before a
+user notices. New requests: until their TTFT target; running/paused streams: their
+time-to-stall (paused ones minus their resume cost and a margin); non-streaming: time to their
+deadline minus the time their remaining tokens need. Slots go to the smallest slack first,
+within batch slots, KV blocks and ``max_loras`` distinct adapters. Running requests whose buffer
+is short are never paused; a request waiting or paused past a bound goes first (no starvation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from .errors import UnknownPolicyError
+from .model import (
+    Action,
+    Capacity,
+    Decision,
+    Plan,
+    Reason,
+    RequestState,
+    RequestView,
+    TokenFlowParams,
+)
+
+Policy = Callable[[Iterable[RequestView], Capacity, float], Plan]
+
+
+def buffer_occupancy(v: RequestView, now: float) -> float:
+    """Tokens in the client's buffer: ``max(0, g - c (now - t0))`` (0 before the first token)."""
+    if v.first_token_time is None or v.generated_tokens <= 0:
+        return 0.0
+    read = v.consumption_rate * max(0.0, now - v.first_token_time)
+    return max(0.0, v.generated_tokens - read)
+
+
+def time_to_stall(v: RequestView, now: float) -> float:
+    """Seconds until the client's buffer is empty (``b / c``); ``inf`` for non-streaming."""
+    if not v.streaming:
+        return math.inf
+    return buffer_occupancy(v, now) / v.consumption_rate
+
+
+def deadline_of(v: RequestView, p: TokenFlowParams) -> float:
+    """When a non-streaming request's whole answer is due."""
+    if v.deadline is not None:
+        return v.deadline
+    return v.arrival + p.nonstream_ttft_s + p.nonstream_tpot_s * v.max_tokens
+
+
+def resume_cost_s(v: RequestView, p: TokenFlowParams) -> float:
+    """Seconds to bring a paused request's context back (recompute estimate, conservative)."""
+    return v.context_tokens / p.prefill_tokens_per_s
+
+
+@dataclass(frozen=True)
+class _Scored:
+    view: RequestView
+    forced: bool
+    slack: float
+    reason: Reason
+
+
+def _score(v: RequestView, now: float, p: TokenFlowParams, running_adapters: set[str]) -> _Scored:
+    """Slack (seconds before a user would notice) and why, for one request."""
+    adapter_cost = (
+        p.adapter_load_cost_s
+        if v.adapter_id is not None and v.adapter_id not in running_adapters
+        and v.state is not RequestState.RUNNING
+        else 0.0
+    )
+    if v.state is RequestState.WAITING:
+        if now - v.arrival >= p.max_wait_s:
+            return _Scored(v, True, -math.inf, Reason.WAIT_BOUND)
+        if v.streaming:
+            return _Scored(v, False, v.arrival + p.ttft_target_s - now + adapter_cost,
+                           Reason.TTFT_URGENCY)
+        slack = deadline_of(v, p) - now - (v.max_tokens * p.tpot_estimate_s)
+        return _Scored(v, False, slack + adapter_cost, Reason.DEADLINE)
+    remaining = max(0, v.max_tokens - v.generated_tokens)
+    if v.streaming:
+        slack = time_to_stall(v, now)
+        reason = Reason.BUFFER_DRAINING
+    else:
+        slack = deadline_of(v, p) - now - remaining * p.tpot_estimate_s
+        reason = Reason.DEADLINE
+    if v.state is RequestState.PAUSED:
+        since = v.paused_since if v.paused_since is not None else now
+        if now - since >= p.max_pause_s:
+            return _Scored(v, True, -math.inf, Reason.PAUSE_BOUND)
+        slack -= p.resume_margin_s + resume_cost_s(v, p) + adapter_cost
+    else:
+        # Running: incumbents keep their slot unless a rival is clearly more urgent.
+        slack -= p.switch_hysteresis_s
+    return _Scored(v, False, slack, reason)
+
+
+def _protected(v: RequestView, now: float, p: TokenFlowParams) -> Reason | None:
+    """Why a running request must not be paused now (``None``: it may be)."""
+    if v.streaming and v.first_token_time is None:
+        return Reason.AWAITING_FIRST_TOKEN
+    if v.num_pauses >= p.max_pauses_per_request:
+        return Reason.PAUSE_LIMIT
+    if v.streaming:
+        if time_to_stall(v, now) <= p.pause_min_buffer_s:
+            return Reason.BUFFER_SHORT
+        return None
+    remaining = max(0, v.max_tokens - v.generated_tokens)
+    if deadline_of(v, p) - now - remaining * p.tpot_estimate_s <= p.pause_min_buffer_s:
+        return Reason.DEADLINE
+    return None
+
+
+def blocks_needed(v: RequestView, block_size: int) -> int:
+    """KV blocks the request holds after its next token."""
+    return -(-(v.context_tokens + 1) // block_size)
+
+
+def decide_tokenflow(
+    views: Iterable[RequestView], cap: Capacity, now: float, params: TokenFlowParams | None = None
+) -> Plan:
+    """Who runs this step: one decision per request, start order = most urgent first."""
+    p = params or TokenFlowParams()
+    reqs = sorted(views, key=lambda v: (v.arrival, v.request_id))
+    running = [v for v in reqs if v.state is RequestState.RUNNING]
+    running_adapters = {v.adapter_id for v in running if v.adapter_id is not None}
+
+    selected: list[Decision] = []
+    rejected: list[Decision] = []
+    adapters: set[str] = set()
+    blocks = 0
+    taken = 0
+
+    # 1. Running requests that may not be paused keep their slot whatever it costs.
+    contenders: list[_Scored] = []
+    for v in running:
+        why = _protected(v, now, p)
+        if why is None:
+            contenders.append(_score(v, now, p, running_adapters))
+            continue
+        selected.append(Decision(v.request_id, Action.KEEP_RUNNING, why))
+        taken += 1
+        blocks += blocks_needed(v, cap.block_size)
+        if v.adapter_id is not None:
+            adapters.add(v.adapter_id)
+
+    # 2. Everyone else competes by (forced first, slack, arrival, id): deterministic.
+    contenders += [_score(v, now, p, running_adapters) for v in reqs
+                   if v.state is not RequestState.RUNNING]
+    contenders.sort(key=lambda s: (not s.forced, s.slack, s.view.arrival, s.view.request_id))
+    for s in contenders:
+        v = s.view
+        need = blocks_needed(v, cap.block_size)
+        refusal: Reason | None = None
+        if taken >= cap.max_running:
+            refusal = Reason.NO_CAPACITY
+        elif v.adapter_id is not None and v.adapter_id not in adapters and len(adapters) >= cap.max_loras:
+            refusal = Reason.LORA_SLOTS_FULL
+        elif cap.kv_blocks is not None and blocks + need > cap.kv_blocks and taken > 0:
+            refusal = Reason.KV_FULL
+        if refusal is None:
+            taken += 1
+            blocks += need
+            if v.adapter_id is not None:
+                adapters.add(v.adapter_id)
+            action = {RequestState.RUNNING: Action.KEEP_RUNNING, RequestState.PAUSED: Action.RESUME,
+                      RequestState.WAITING: Action.ADMIT}[v.state]
+            selected.append(Decision(v.request_id, action, s.reason))
+        else:
+            action = {RequestState.RUNNING: Action.PAUSE, RequestState.PAUSED: Action.KEEP_PAUSED,
+                      RequestState.WAITING: Action.DEFER}[v.state]
+            # A pause is explained by the buffer that makes it harmless.
+            reason = Reason.BUFFER_LONG if action is Action.PAUSE else refusal
+            rejected.append(Decision(v.request_id, action, reason))
+    return Plan(tuple(selected) + tuple(rejected))
+
+
+def decide_fcfs(views: Iterable[RequestView], cap: Capacity, now: float) -> Plan:
+    """Stock behaviour: never pause; paused (preempted) first, then arrival order; vLLM limits."""
+    del cap, now  # vLLM itself enforces slots, KV and max_loras under FCFS
+    reqs = sorted(views, key=lambda v: (v.state is not RequestState.PAUSED, v.arrival, v.request_id))
+    action = {RequestState.RUNNING: Action.KEEP_RUNNING, RequestState.PAUSED: Action.RESUME,
+              RequestState.WAITING: Action.ADMIT}
+    return Plan(tuple(Decision(v.request_id, action[v.state], Reason.FCFS) for v in reqs))
+
+
+POLICIES = ("fcfs", "tokenflow")
+
+
+def make_policy(name: str, params: TokenFlowParams | None = None) -> Policy:
+    """The policy called ``name``; unknown names are refused."""
+    if name == "fcfs":
+        return decide_fcfs
+    if name == "tokenflow":
+        p = params or TokenFlowParams()
+
+        def tokenflow(views: Iterable[RequestView], cap: Capacity, now: float) -> Plan:
+            return decide_tokenflow(views, cap, now, p)
+
+        return tokenflow
+    raise UnknownPolicyError(f"unknown scheduling policy {name!r}; known: {', '.join(POLICIES)}")
