@@ -111,7 +111,8 @@ class AdapterStatus:
         status = status or {}
         phase = status.get("phase")
         return cls(
-            phase=Phase(phase) if phase in Phase._value2member_map_ else None,
+            phase=Phase(phase) if isinstance(phase, str) and phase in Phase._value2member_map_
+            else None,
             observed_generation=status.get("observedGeneration"),
             failed_generation=status.get("failedGeneration"),
             adapter_id=status.get("adapterId"),

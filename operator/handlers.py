@@ -61,7 +61,7 @@ class Dependencies:
 
     serving: ServingClient
     tenants: TenantStore
-    config: OperatorConfig = field(default_factory=OperatorConfig)
+    config: OperatorConfig = field(default_factory=lambda: OperatorConfig())
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
 
 
@@ -311,12 +311,12 @@ def make_registry(
     @kopf.timer(GROUP, VERSION, ADAPTERS, registry=registry, id="placement",
                 interval=config.resync_seconds, initial_delay=config.resync_seconds)
     async def adapter_resync(name: str, spec: Any, status: Any, meta: Any, patch: kopf.Patch,
-                             retry: int, logger: Any, **_: Any) -> None:
+                             logger: Any, **kwargs: Any) -> None:
         # A new or restarted serving replica starts empty: load it where placement says.
         if (status or {}).get("phase") not in (Phase.READY.value, Phase.LOADING.value):
             return
         await reconcile_adapter(deps, name=name, spec=spec, status=status, meta=meta,
-                                patch=patch, retry=retry, logger=logger)
+                                patch=patch, retry=int(kwargs.get("retry") or 0), logger=logger)
 
     # Tenant ----------------------------------------------------------------------------------
 
@@ -331,12 +331,11 @@ def make_registry(
                 for ref in (spec.get("apiKeySecrets") or ())}
 
     async def tenant_changed(name: str, namespace: str | None, spec: Any, status: Any,
-                             meta: Any, patch: kopf.Patch, lorafleet_secret_keys: Any,
-                             **_: Any) -> None:
+                             meta: Any, patch: kopf.Patch, **kwargs: Any) -> None:
         generation = int(meta.get("generation") or 1)
-        try:
+        try:  # kopf passes each index as a keyword named after its id
             count, problems = await sync_tenant(deps, name=name, namespace=namespace, spec=spec,
-                                                secret_keys=lorafleet_secret_keys)
+                                                secret_keys=kwargs["lorafleet_secret_keys"])
         except ServingError as exc:
             raise kopf.TemporaryError(exc.message, delay=5.0) from exc
         phase = TenantPhase.DEGRADED if problems else TenantPhase.READY
@@ -367,14 +366,15 @@ def make_registry(
         await deps.tenants.delete_tenant(name)
 
     @kopf.on.event("", "v1", "secrets", registry=registry, id="secret-keys")
-    async def secret_event(namespace: str | None, name: str, lorafleet_tenant_secrets: Any,
-                           lorafleet_secret_keys: Any, logger: Any, **_: Any) -> None:
+    async def secret_event(namespace: str | None, name: str, logger: Any,
+                           **kwargs: Any) -> None:
         # A Secret added, rotated or deleted: re-sync the tenants that reference it right away
         # (deleting the Secret revokes its key). The tenants' timers are the safety net.
-        for tenant_name, tenant_spec in lorafleet_tenant_secrets.get((namespace, name), ()):
+        tenants_by_secret = kwargs["lorafleet_tenant_secrets"]
+        for tenant_name, tenant_spec in tenants_by_secret.get((namespace, name), ()):
             try:
                 await sync_tenant(deps, name=tenant_name, namespace=namespace, spec=tenant_spec,
-                                  secret_keys=lorafleet_secret_keys)
+                                  secret_keys=kwargs["lorafleet_secret_keys"])
             except ServingError as exc:
                 logger.warning("tenant %s: key sync failed: %s", tenant_name, exc.message)
 

@@ -14,19 +14,19 @@ __all__ = ["OperatorConfig"]
 class OperatorConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORAFLEET_OPERATOR_", extra="forbid")
 
-    serving_url: str = Field("http://127.0.0.1:8000",
+    serving_url: str = Field(default="http://127.0.0.1:8000",
                              description="Base URL of the serving ingress (admin API).")
-    admin_key: SecretStr = Field(SecretStr(""),
+    admin_key: SecretStr = Field(default=SecretStr(""),
                                  description="Admin credential for the serving admin API.")
     registry_url: str | None = Field(
-        None, description="Registry URL (redis://host:port/db or sqlite:///path) for tenant keys.")
+        default=None, description="Registry URL (redis://host:port/db or sqlite:///path) for tenant keys.")
     namespaces: tuple[str, ...] = Field(
-        (), description="Namespaces to watch; empty means the whole cluster.")
+        default=(), description="Namespaces to watch; empty means the whole cluster.")
     resync_seconds: float = Field(
-        15.0, gt=0, description="How often each adapter re-checks its placement on serving.")
+        default=15.0, gt=0, description="How often each adapter re-checks its placement on serving.")
     tenant_resync_seconds: float = Field(
-        60.0, gt=0, description="How often each tenant re-checks its key Secrets.")
+        default=60.0, gt=0, description="How often each tenant re-checks its key Secrets.")
     request_timeout_seconds: float = Field(
-        120.0, gt=0, description="Timeout of one admin API call (registration fetches).")
+        default=120.0, gt=0, description="Timeout of one admin API call (registration fetches).")
     max_backoff_seconds: float = Field(
-        60.0, gt=0, description="Longest wait between retries after transient failures.")
+        default=60.0, gt=0, description="Longest wait between retries after transient failures.")
