@@ -268,6 +268,10 @@ def decide_adapter_action(
                         "failed permanently for this generation; change the spec to retry")
     adapter = observed.adapter
     wanted = wanted_replicas(spec, observed.replica_count)
+    if (spec.mode is PlacementMode.DEMAND and status.phase is Phase.READY
+            and status.observed_generation == spec.generation):
+        # Proven loadable once; from then on serving loads and evicts it as requests come.
+        wanted = 0
     if adapter is None:
         return Decision(Action.REGISTER, Phase.FETCHING, "NotRegistered",
                         "fetching, validating and registering the adapter", wanted=wanted)
@@ -287,7 +291,7 @@ def decide_adapter_action(
         return Decision(Action.WAIT, Phase.LOADING, "NoServingReplicas",
                         "registered; no serving replica is running", wanted=0, delay=5.0)
     held = len(adapter.replicas)
-    if held >= wanted:
+    if held >= wanted and (held > 0 or spec.mode is PlacementMode.DEMAND):
         return Decision(Action.READY, Phase.READY, "Loaded",
                         f"loaded on {held} of {observed.replica_count} serving replicas",
                         wanted=wanted)

@@ -173,6 +173,7 @@ specs = st.builds(
     generation=st.integers(1, 3))
 statuses = st.builds(
     AdapterStatus, phase=st.sampled_from([None, *Phase]),
+    observed_generation=st.sampled_from([None, 1, 2, 3]),
     failed_generation=st.sampled_from([None, 1, 2, 3]),
     registered_source=st.sampled_from([None, "/a/sql", "hf://org/sql@v1", "s3://b/sql#v2"]))
 serving_views = st.one_of(st.none(), st.builds(
@@ -191,9 +192,13 @@ def test_never_ready_without_serving_confirmation(spec: AdapterSpec, status: Ada
     d = decide_adapter_action(spec, status, observed)
     if d.phase is Phase.READY:
         assert adapter is not None and adapter.base_model == spec.base_model
-        assert 1 <= wanted_replicas(spec, count) <= len(adapter.replicas)
         patch = adapter_status_patch(spec, status, d, observed, NOW)
-        assert patch["readyReplicas"] == len(adapter.replicas) >= patch["wantedReplicas"] >= 1
+        assert patch["readyReplicas"] == len(adapter.replicas) >= patch["wantedReplicas"]
+        confirmed_before = (status.phase is Phase.READY
+                            and status.observed_generation == spec.generation)
+        if not (spec.mode is PlacementMode.DEMAND and confirmed_before):
+            # Ready for the first time only when serving holds it where placement wants it.
+            assert 1 <= wanted_replicas(spec, count) <= len(adapter.replicas)
     else:
         patch = adapter_status_patch(spec, status, d, observed, NOW)
         assert patch["conditions"][-1]["status"] == "False"
@@ -225,3 +230,12 @@ def test_applying_a_key_plan_reaches_the_desired_keys_and_then_is_empty(
     after.update(plan.add)
     assert after == desired
     assert decide_key_changes(desired, after).empty
+
+
+def test_demand_adapter_is_proven_once_then_may_be_evicted() -> None:
+    spec = replace(SPEC, mode=PlacementMode.DEMAND)
+    first = decide_adapter_action(spec, AdapterStatus(), Observed(served(spec), 2))
+    assert (first.action, first.wanted) == (Action.LOAD, 1)
+    ready = AdapterStatus(phase=Phase.READY, observed_generation=spec.generation)
+    evicted = decide_adapter_action(spec, ready, Observed(served(spec), 2))
+    assert evicted.action is Action.READY
