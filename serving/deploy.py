@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -45,12 +46,15 @@ class _ResidentAdapter:
             await self.engine.unload_adapter(self.adapter_id)
 
 
-def engine_deployment(config: EngineConfig, num_replicas: int) -> Any:
+def engine_deployment(
+    config: EngineConfig, num_replicas: int, autoscaling: dict[str, Any] | None = None
+) -> Any:
     """The engine replica deployment class, parametrised by the engine's adapter capacity."""
 
     @serve.deployment(
         name="EngineReplica",
-        num_replicas=num_replicas,
+        num_replicas=None if autoscaling else num_replicas,
+        autoscaling_config=autoscaling,
         max_ongoing_requests=max(8, config.max_num_seqs * 2),
         ray_actor_options={"num_cpus": 0},
         health_check_period_s=10,
@@ -167,10 +171,54 @@ class Ingress:
         return build_app(self.services)
 
 
-def build_app(settings: ServeSettings, engine_config: EngineConfig) -> Any:
-    """The Serve application graph (also the import path a RayService's serveConfig names)."""
-    engines = engine_deployment(engine_config, settings.replicas).bind(engine_config.model_dump())
+def application(
+    settings: ServeSettings, engine_config: EngineConfig, autoscaling: dict[str, Any] | None = None
+) -> Any:
+    """The Serve application graph: engine replicas bound into the ingress."""
+    engines = engine_deployment(engine_config, settings.replicas, autoscaling).bind(
+        engine_config.model_dump()
+    )
     return Ingress.bind(settings.model_dump(mode="json"), engine_config.model_dump(), engines)
+
+
+class AppArgs(BaseModel):
+    """Arguments of ``build_app``, the Serve application builder a RayService names."""
+
+    model_config = ConfigDict(extra="forbid")
+    model_dir: str = Field(description="Base model directory inside the pods.")
+    served_model_name: str = Field(description="Base model name in the API.")
+    data_dir: str = Field(default="/data", description="Adapter cache and scratch space.")
+    dtype: str = Field(default="bfloat16", description="Model dtype.")
+    max_loras: int = Field(default=4, ge=1, description="Adapter slots per batch.")
+    max_lora_rank: int = Field(default=16, ge=1, description="Largest adapter rank.")
+    max_cpu_loras: int = Field(default=32, ge=1, description="Adapters resident per replica.")
+    max_model_len: int = Field(default=2048, ge=64, description="Context length.")
+    kv_cache_gib: float = Field(default=2.0, gt=0, description="KV cache per replica (GiB).")
+    engine_num_replicas: int = Field(default=1, ge=1, description="Engine replicas.")
+    engine_autoscaling_config: dict[str, Any] | None = Field(
+        default=None, description="Ray Serve autoscaling_config for the engine replicas."
+    )
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """Serve application builder (``import_path: lorafleet.serving.deploy:build_app``).
+
+    The admin key and registry URL come from ``LORAFLEET_ADMIN_KEY`` and
+    ``LORAFLEET_REGISTRY_URL`` (Kubernetes Secrets), never from the RayService object.
+    """
+    from .assemble import load_or_create_admin_key
+
+    a = AppArgs(**args)
+    settings = ServeSettings(data_dir=Path(a.data_dir), replicas=a.engine_num_replicas)
+    settings = settings.model_copy(
+        update={"admin_key": load_or_create_admin_key(Path(a.data_dir), settings.admin_key)}
+    )
+    engine_config = EngineConfig(
+        model_dir=a.model_dir, served_model_name=a.served_model_name, dtype=a.dtype,
+        max_model_len=a.max_model_len, max_loras=a.max_loras, max_lora_rank=a.max_lora_rank,
+        max_cpu_loras=a.max_cpu_loras, kv_cache_bytes=int(a.kv_cache_gib * 2**30),
+    )
+    return application(settings, engine_config, a.engine_autoscaling_config)
 
 
 def run(settings: ServeSettings, engine_config: EngineConfig, *, ray_temp_dir: Path | None = None) -> None:
@@ -188,7 +236,7 @@ def run(settings: ServeSettings, engine_config: EngineConfig, *, ray_temp_dir: P
                 log_to_driver=True,
             )
     serve.start(http_options={"host": settings.host, "port": settings.port}, detached=False)
-    serve.run(build_app(settings, engine_config), name=APP_NAME, route_prefix="/", blocking=False)
+    serve.run(application(settings, engine_config), name=APP_NAME, route_prefix="/", blocking=False)
 
 
 def shutdown() -> None:
