@@ -9,20 +9,16 @@ the real registry (SQLite backend), which the fake serving reads (404 for unknow
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
 import json
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import kmock
 import numpy as np
 import pytest
 import pytest_asyncio
-import yaml
 
 kopf = pytest.importorskip("kopf")
 
@@ -31,14 +27,14 @@ from lorafleet.adapters.errors import AdapterFetchError, AdapterValidationError 
 from lorafleet.adapters.registry import Registry, open_registry  # noqa: E402
 from lorafleet.adapters.sources import fetch_adapter  # noqa: E402
 from lorafleet.adapters.validation import ValidationLimits, validate_adapter_dir  # noqa: E402
-from lorafleet.operator.handlers import Dependencies, make_registry, make_settings  # noqa: E402
+from lorafleet.operator.emulation import (  # noqa: E402
+    Cluster,
+    run_operator,
+    secret_manifest,
+)
 from lorafleet.operator.serving_client import ServingClient  # noqa: E402
-from lorafleet.operator.settings import OperatorConfig  # noqa: E402
 from lorafleet.operator.tenant_store import RegistryTenantStore  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[3]
-CRD_DIR = REPO / "charts" / "lorafleet" / "crds"
-NAMESPACE = "ns1"
 BASE_MODEL = "tiny-llama"
 TINY_CONFIG = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
                "num_key_value_heads": 2, "num_hidden_layers": 2}
@@ -174,92 +170,8 @@ class FakeServing:
         return httpx.Response(201, json=self._view(record))
 
 
-def load_crds() -> dict[str, dict[str, Any]]:
-    crds = {}
-    for path in sorted(CRD_DIR.glob("*.yaml")):
-        crd = yaml.safe_load(path.read_text())
-        crds[crd["spec"]["names"]["kind"]] = crd
-    return crds
-
-
-def declare_resources(k8s: Any) -> None:
-    """Discovery for what kopf watches; without it kopf silently never watches."""
-    verbs = ["list", "watch", "get", "patch", "create", "delete", "update"]
-    for kind, crd in load_crds().items():
-        names = crd["spec"]["names"]
-        res = f"{crd['spec']['group']}/{crd['spec']['versions'][0]['name']}/{names['plural']}"
-        k8s.resources[res] = kmock.ResourceInfo(
-            kind=kind, singular=names["singular"], namespaced=True, verbs=verbs,
-            shortnames=names.get("shortNames", []), subresources=["status"])
-    k8s.resources["v1/secrets"] = kmock.ResourceInfo(kind="Secret", singular="secret",
-                                                     namespaced=True, verbs=verbs)
-    k8s.resources["v1/events"] = kmock.ResourceInfo(kind="Event", singular="event",
-                                                    namespaced=True, verbs=verbs)
-    k8s.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", singular="namespace",
-                                                        namespaced=False, verbs=verbs)
-    k8s.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
-        kind="CustomResourceDefinition", singular="customresourcedefinition",
-        namespaced=False, verbs=verbs)
-    k8s.objects["v1/namespaces", None, NAMESPACE] = {
-        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}
-
-
-class Cluster:
-    """The emulator plus helpers a test reads like kubectl."""
-
-    def __init__(self, k8s: Any) -> None:
-        self.k8s = k8s
-
-    def _url(self, resource: str, name: str | None = None) -> str:
-        group_version, plural = resource.rsplit("/", 1)
-        prefix = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
-        return f"{prefix}/namespaces/{NAMESPACE}/{plural}" + (f"/{name}" if name else "")
-
-    async def apply(self, resource: str, body: dict[str, Any]) -> None:
-        body = {**body, "metadata": {**body["metadata"], "namespace": NAMESPACE,
-                                     "generation": 1, "uid": body["metadata"]["name"], "resourceVersion": "1",
-                                     "creationTimestamp": "2026-11-25T00:00:00Z"}}
-        resp = await self.k8s.post(self._url(resource), json=body)
-        assert resp.status < 300, await resp.text()
-
-    async def patch_spec(self, resource: str, name: str, spec: dict[str, Any],
-                         generation: int) -> None:
-        resp = await self.k8s.patch(self._url(resource, name),
-                                    json={"spec": spec, "metadata": {"generation": generation}},
-                                    headers={"Content-Type": "application/merge-patch+json"})
-        assert resp.status < 300, await resp.text()
-
-    async def delete(self, resource: str, name: str) -> None:
-        resp = await self.k8s.delete(self._url(resource, name))
-        assert resp.status < 300, await resp.text()
-
-    def get(self, resource: str, name: str) -> dict[str, Any] | None:
-        try:
-            obj = self.k8s.objects[resource, NAMESPACE, name]
-        except KeyError:
-            return None
-        if obj.deleted:
-            return None
-        return json.loads(json.dumps(dict(obj.raw)))
-
-    async def wait_for(self, predicate: Callable[[], bool | Awaitable[bool]],
-                       timeout: float = 10.0, what: str = "condition") -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            result = predicate()
-            if not isinstance(result, bool):
-                result = await result
-            if result:
-                return
-            if loop.time() > deadline:
-                raise AssertionError(f"timed out waiting for {what}")
-            await asyncio.sleep(0.05)
-
-
 def secret(name: str, key: str, data_key: str = "apiKey") -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
-            "type": "Opaque", "data": {data_key: base64.b64encode(key.encode()).decode()}}
+    return secret_manifest(name, key, data_key)
 
 
 @pytest.fixture()
@@ -284,45 +196,6 @@ def tenant_store(registry: Registry) -> RegistryTenantStore:
 @pytest.fixture()
 def serving(registry: Registry, workdir: Path) -> FakeServing:
     return FakeServing(registry, workdir / "serving")
-
-
-@contextlib.asynccontextmanager
-async def run_operator(client: ServingClient, tenant_store: Any,
-                       k8s: Any = None) -> AsyncIterator[Cluster]:
-    """The emulator with our CRDs declared, and the real kopf operator running against it.
-
-    Pass a running emulator (`k8s`) to start another operator on the same objects (a restart).
-    """
-    async with contextlib.AsyncExitStack() as stack:
-        if k8s is None:
-            k8s = await stack.enter_async_context(kmock.KubernetesEmulator())
-            await stack.enter_async_context(kmock.Server(k8s))
-            declare_resources(k8s)
-        config = OperatorConfig(resync_seconds=0.5, tenant_resync_seconds=1.0)
-        deps = Dependencies(serving=client, tenants=tenant_store, config=config)
-
-        def login(**_: Any) -> Any:
-            return kopf.ConnectionInfo(server=str(k8s.url).rstrip("/"), insecure=True)
-
-        settings = make_settings()
-        settings.scanning.disabled = True
-        settings.posting.enabled = False
-        settings.watching.reconnect_backoff = 0.1
-        settings.networking.request_timeout = 5
-        settings.background.cancellation_timeout = 1.0
-        stop = asyncio.Event()
-        ready = asyncio.Event()
-        task = asyncio.create_task(kopf.operator(
-            registry=make_registry(deps, login=login), settings=settings,
-            namespaces=[NAMESPACE], standalone=True, stop_flag=stop, ready_flag=ready))
-        try:
-            await asyncio.wait_for(ready.wait(), 10)
-            yield Cluster(k8s)
-        finally:
-            stop.set()
-            # kopf cancels its timers on the way out; their CancelledError may surface here.
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(task, 15)
 
 
 @pytest_asyncio.fixture()

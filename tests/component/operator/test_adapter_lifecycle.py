@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import kmock
 
+from lorafleet.operator.emulation import declare_resources, run_operator
 from lorafleet.operator.serving_client import ServingClient
 
 from .conftest import (
@@ -17,8 +18,6 @@ from .conftest import (
     TENANTS,
     Cluster,
     FakeServing,
-    declare_resources,
-    run_operator,
     write_adapter,
 )
 

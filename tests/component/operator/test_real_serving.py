@@ -17,10 +17,11 @@ import httpx
 import pytest
 
 from lorafleet.adapters.keys import generate_key
+from lorafleet.operator.emulation import run_operator
 from lorafleet.operator.serving_client import ServingClient
 from lorafleet.operator.tenant_store import RegistryTenantStore
 
-from .conftest import ADAPTERS, SECRETS, TENANTS, run_operator, secret
+from .conftest import ADAPTERS, SECRETS, TENANTS, secret
 
 pytestmark = pytest.mark.vllm
 
