@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from lorafleet.serving.demo import DEMO_MODEL_NAME, prepare_base_model
 
 REPO_ROOT = Path(__file__).resolve().parents[3]

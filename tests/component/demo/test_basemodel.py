@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from lorafleet.serving.demo import DEMO_MODEL_NAME, is_prepared, prepare_base_model
 
 pytestmark = pytest.mark.slow

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from lorafleet.serving.demo import DEMO_MODEL_NAME
 from lorafleet.serving.demo.datasets import ADAPTER_NAMES, HELD_OUT_QUESTIONS
 from lorafleet.serving.demo.training import greedy_answers
