@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from lorafleet.serving.demo import DEMO_MODEL_NAME, TINY_MODEL_NAME, make_random_adapter
 from lorafleet.serving.demo.basemodel import _TINY_ARCH
-from safetensors.torch import load_file
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
