@@ -100,7 +100,8 @@ class Cluster:
         return json.loads(json.dumps(dict(obj.raw)))
 
     async def wait_for(self, predicate: Callable[[], bool | Awaitable[bool]],
-                       timeout: float = 10.0, what: str = "condition") -> None:
+                       timeout: float = 10.0, what: str = "condition",
+                       interval: float = 0.05) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
@@ -111,7 +112,7 @@ class Cluster:
                 return
             if loop.time() > deadline:
                 raise AssertionError(f"timed out waiting for {what}")
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(interval)
 
 
 
