@@ -12,7 +12,7 @@ ADAPTER_DIR=${1:?usage: $0 /path/to/peft/adapter}
 NS=${NS:-lorafleet}
 SERVING_URL=${SERVING_URL:-http://127.0.0.1:8000}
 REGISTRY_URL=${REGISTRY_URL:-redis://127.0.0.1:6379/0}
-: "${LORAFLEET_ADMIN_KEY:?set LORAFLEET_ADMIN_KEY to the server's admin key}"
+: "${LORAFLEET_ADMIN_KEY:?set LORAFLEET_ADMIN_KEY to the admin key of the server}"
 HERE=$(cd "$(dirname "$0")" && pwd)
 
 if command -v kind >/dev/null && ! kubectl config current-context >/dev/null 2>&1; then
