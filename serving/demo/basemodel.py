@@ -246,12 +246,12 @@ def make_tiny_model(dest: Path, *, seed: int = 0, progress: bool = False) -> Pat
             pad_token_id=tokenizer.pad_token_id,
             tie_word_embeddings=True,
             rms_norm_eps=1e-5,
-            rope_theta=10000.0,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
             **_TINY_ARCH,
         )
         config.dtype = torch.float32
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).to(torch.float32)
+        model = LlamaForCausalLM(config)  # float32: torch's default dtype
         model.generation_config = GenerationConfig(
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,

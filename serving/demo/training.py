@@ -113,8 +113,8 @@ def _train_one(base_dir: Path, out_dir: Path, spec: AdapterSpec, progress: bool)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(spec.seed)
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    tokenizer: Any = AutoTokenizer.from_pretrained(str(base_dir))
+    model: Any = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     config = LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,
@@ -210,7 +210,7 @@ def greedy_answers(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    tokenizer: Any = AutoTokenizer.from_pretrained(str(base_dir))
     model: Any = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     if adapter_dir is not None:
         from peft import PeftModel
@@ -219,7 +219,7 @@ def greedy_answers(
     model.eval()
     answers = []
     for question in questions:
-        inputs = tokenizer.apply_chat_template(
+        inputs: Any = tokenizer.apply_chat_template(
             [{"role": "user", "content": question}],
             add_generation_prompt=True,
             return_tensors="pt",
