@@ -42,7 +42,8 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--max-model-len", type=int, default=2048, help="Context length.")
     p.add_argument("--max-num-seqs", type=int, default=64, help="Most sequences per batch.")
     p.add_argument("--kv-cache-gib", type=float, default=2.0, help="KV cache per replica (GiB).")
-    p.add_argument("--dtype", default="bfloat16", help="Model dtype.")
+    p.add_argument("--dtype", default="auto",
+                   help="Model dtype (auto: bfloat16 on CUDA, float32 on the CPU).")
     p.set_defaults(func=cmd_serve)
 
 

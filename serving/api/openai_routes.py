@@ -175,6 +175,8 @@ class Generation:
                         ),
                         adapter=ref,
                         priority=priority,
+                        streaming=bool(body.stream),
+                        consumption_rate=body.lorafleet.consumption_rate if body.lorafleet else None,
                     )
                 )
         services.metrics.in_flight.labels(tenant_name).inc()

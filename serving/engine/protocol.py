@@ -45,6 +45,10 @@ class GenerateRequest:
     sampling: SamplingOptions
     adapter: AdapterRef | None = None
     priority: int = 0
+    streaming: bool = True
+    """The client reads the output as a stream (the scheduler may pause it while it reads)."""
+    consumption_rate: float | None = None
+    """Tokens/s the client declared it reads; ``None``: the engine's default."""
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,24 @@ def _apply_vllm_environment(config: EngineConfig) -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
+def _scheduling_args(config: EngineConfig) -> dict[str, Any]:
+    """Engine args that plug LoRAFleet's scheduler in (none for stock fcfs)."""
+    if config.scheduling_policy == "fcfs":
+        return {}
+    from ..scheduling.vllm_scheduler import CONFIG_KEY, SCHEDULER_CLS, check_vllm_version
+
+    check_vllm_version()
+    return {
+        "scheduler_cls": SCHEDULER_CLS,
+        "additional_config": {CONFIG_KEY: {
+            "policy": config.scheduling_policy,
+            "max_running": config.scheduling_max_running,
+            "default_consumption_rate": config.default_consumption_rate,
+            "params": {"pause_min_buffer_s": config.scheduling_pause_min_buffer_s},
+        }},
+    }
+
+
 class VLLMEngine:
     """One engine replica. Create, ``await start()``, then ``generate`` concurrently."""
 
@@ -55,7 +73,7 @@ class VLLMEngine:
             model=c.model_dir,
             served_model_name=[c.served_model_name],
             tokenizer=c.model_dir,
-            dtype=c.dtype,
+            dtype=c.resolved_dtype(),
             max_model_len=c.max_model_len,
             max_num_seqs=c.max_num_seqs,
             enable_lora=True,
@@ -67,6 +85,7 @@ class VLLMEngine:
             seed=c.seed,
             disable_log_stats=False,
             enable_log_requests=False,
+            **_scheduling_args(c),
         )
         self._llm = AsyncLLM.from_engine_args(args)
 
@@ -140,6 +159,10 @@ class VLLMEngine:
             presence_penalty=s.presence_penalty,
             frequency_penalty=s.frequency_penalty,
             output_kind=RequestOutputKind.DELTA,
+            extra_args={"lorafleet": {
+                "streaming": request.streaming,
+                "consumption_rate": request.consumption_rate or self.config.default_consumption_rate,
+            }},
         )
         self._in_flight += 1
         finished = False
