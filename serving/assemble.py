@@ -63,6 +63,8 @@ def make_services(
     top_k_adapters: int = 20,
     adapter_max_bytes: int = 512 * 2**20,
     adapter_cache_bytes: int = 10 * 2**30,
+    metrics_key: str | None = None,
+    public_metrics: bool = False,
 ) -> ApiServices:
     intake = make_intake(
         engine_config, data_dir, max_bytes=adapter_max_bytes, cache_bytes=adapter_cache_bytes
@@ -76,4 +78,6 @@ def make_services(
         intake=intake,
         metrics=ServingMetrics(top_k_adapters),
         max_body_bytes=max_body_bytes,
+        metrics_key_hash=hash_key(metrics_key) if metrics_key else None,
+        public_metrics=public_metrics,
     )

@@ -35,6 +35,8 @@ def _serve_parser(sub: Any) -> None:
                    help="sqlite:///path or redis://host:port/db (default SQLite in data dir).")
     p.add_argument("--admin-key", default=None, help="Admin credential (or LORAFLEET_ADMIN_KEY).")
     p.add_argument("--replicas", type=int, default=None, help="Engine replicas (default 1).")
+    p.add_argument("--public-metrics", action="store_true", default=None,
+                   help="Serve /metrics without a credential (it names tenants and adapters).")
     p.add_argument("--ray-address", default=None, help="Attach to this Ray cluster.")
     p.add_argument("--max-loras", type=int, default=4, help="Adapter slots per batch.")
     p.add_argument("--max-lora-rank", type=int, default=32, help="Largest adapter rank.")
@@ -51,7 +53,8 @@ def _settings(args: argparse.Namespace) -> Any:
     from .config import ServeSettings
 
     given = {k: getattr(args, k) for k in (
-        "host", "port", "data_dir", "registry_url", "admin_key", "replicas", "ray_address"
+        "host", "port", "data_dir", "registry_url", "admin_key", "replicas", "ray_address",
+        "public_metrics",
     ) if getattr(args, k, None) is not None}
     return ServeSettings(**given)
 

@@ -89,6 +89,12 @@ class ServeSettings(BaseSettings):
     admin_key: str | None = Field(
         default=None, description="Admin credential; generated into data_dir/admin.key if unset."
     )
+    metrics_key: str | None = Field(
+        default=None, description="Bearer token for /metrics besides the admin key."
+    )
+    public_metrics: bool = Field(
+        default=False, description="Serve /metrics without a credential (it names tenants)."
+    )
     replicas: int = Field(default=1, ge=1, description="Engine replicas (Ray Serve deployments).")
     ray_address: str | None = Field(
         default=None, description="Ray cluster to attach to; a local Ray is started when unset."

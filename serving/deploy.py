@@ -163,6 +163,8 @@ class Ingress:
             top_k_adapters=s.metrics_top_adapters,
             adapter_max_bytes=s.adapter_max_bytes,
             adapter_cache_bytes=s.adapter_cache_bytes,
+            metrics_key=s.metrics_key,
+            public_metrics=s.public_metrics,
         )
 
     def __serve_build_asgi_app__(self) -> Any:

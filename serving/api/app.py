@@ -38,7 +38,8 @@ def build_app(services: ApiServices) -> FastAPI:
         return {"status": "ok", "model": services.served_model_name, "replicas": len(stats)}
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        services.check_metrics(request.headers.get("authorization"))
         for s in await services.engines.replica_stats():
             services.metrics.adapters_resident.labels(s.replica_id).set(len(s.resident_adapters))
         text = merge_expositions(

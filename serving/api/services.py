@@ -49,6 +49,10 @@ class ApiServices:
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
     max_body_bytes: int = 1_000_000
+    # /metrics carries tenant and adapter names: it needs the admin key or this metrics key
+    # (sha256), unless public_metrics is set (a single-user development box).
+    metrics_key_hash: str | None = None
+    public_metrics: bool = False
     tenancy: Tenancy = field(init=False)
 
     def __post_init__(self) -> None:
@@ -59,3 +63,14 @@ class ApiServices:
         if not hmac.compare_digest(hash_key(token), self.admin_key_hash):
             # Same answer for a tenant key and a wrong key: admin routes reveal nothing.
             raise AuthenticationFailed("Incorrect admin credential provided.")
+
+    def check_metrics(self, authorization: str | None) -> None:
+        if self.public_metrics:
+            return
+        token = bearer_token(authorization)
+        digest = hash_key(token)
+        ok = hmac.compare_digest(digest, self.admin_key_hash)
+        if self.metrics_key_hash is not None:
+            ok = hmac.compare_digest(digest, self.metrics_key_hash) or ok
+        if not ok:
+            raise AuthenticationFailed("Incorrect metrics credential provided.")

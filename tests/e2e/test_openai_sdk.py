@@ -135,7 +135,8 @@ def test_heterogeneous_batch_is_exact(demo_server):
 
 
 def _running(server) -> float:
-    text = httpx.get(server.base_url + "/metrics", timeout=30).text
+    text = httpx.get(server.base_url + "/metrics", timeout=30,
+                     headers={"Authorization": f"Bearer {server.admin_key}"}).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("vllm:num_requests_running"))
 

@@ -140,7 +140,17 @@ CUSTOM_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
                     "type": "object", "required": ["port", "path"], "additionalProperties": False,
                     "properties": {"port": {"type": "string"}, "path": {"type": "string"},
                                    "interval": {"type": "string"},
-                                   "scrapeTimeout": {"type": "string"}}}}}}},
+                                   "scrapeTimeout": {"type": "string"},
+                                   "authorization": {
+                                       "type": "object", "required": ["type", "credentials"],
+                                       "additionalProperties": False,
+                                       "properties": {
+                                           "type": {"enum": ["Bearer"]},
+                                           "credentials": {
+                                               "type": "object", "required": ["name", "key"],
+                                               "additionalProperties": False,
+                                               "properties": {"name": {"type": "string"},
+                                                              "key": {"type": "string"}}}}}}}}}}},
     },
     ("monitoring.coreos.com/v1", "PrometheusRule"): {
         "type": "object", "required": ["spec"],

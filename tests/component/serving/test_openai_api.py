@@ -213,7 +213,9 @@ async def test_bad_adapters_refused_with_reason(client, tenants, tmp_path, adapt
 
 async def test_metrics_per_tenant_and_adapter(client, tenants):
     await chat(client, tenants["alice"], TINY_MODEL_NAME)
-    r = await client.get("/metrics")
+    assert (await client.get("/metrics")).status_code == 401
+    assert (await client.get("/metrics", headers=auth(tenants["bob"]))).status_code == 401
+    r = await client.get("/metrics", headers=auth("test-admin-key"))
     text = r.text
     assert 'lorafleet_time_to_first_token_seconds_count{adapter="base",tenant="alice"} 1.0' in text
     assert 'lorafleet_requests_total{adapter="base",status="200",tenant="alice"} 1.0' in text
