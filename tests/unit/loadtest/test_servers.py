@@ -1,0 +1,84 @@
+"""bench's server handling: both systems get the same engine knobs; stop leaves nothing behind."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+
+from lorafleet.loadtest.bench import servers
+
+
+def _flags(cmd: list[str]) -> dict[str, str]:
+    """``--flag value`` pairs of a command line (flags without a value map to "")."""
+    out: dict[str, str] = {}
+    for i, tok in enumerate(cmd):
+        if tok.startswith("--"):
+            nxt = cmd[i + 1] if i + 1 < len(cmd) else ""
+            out[tok] = "" if nxt.startswith("--") else nxt
+    return out
+
+
+def test_both_systems_get_the_same_engine_knobs(tmp_path: Path) -> None:
+    common = dict(
+        model_dir=tmp_path / "m", served_model_name="M", max_loras=8, max_lora_rank=8,
+        max_cpu_loras=32, max_model_len=1024, kv_cache_gib=2, max_num_seqs=48,
+    )
+    vcmd, venv = servers.vllm_command(servers.VLLMOptions(adapters={}, **common), 1)
+    lcmd, lenv = servers.lorafleet_command(
+        servers.LoRAFleetOptions(data_dir=tmp_path / "d", admin_key="k", **common), 2
+    )
+    v, lf = _flags(vcmd), _flags(lcmd)
+    for flag in ("--max-loras", "--max-lora-rank", "--max-cpu-loras", "--max-model-len",
+                 "--max-num-seqs", "--dtype", "--served-model-name"):
+        assert v[flag] == lf[flag], flag
+    assert v["--dtype"] != "auto"  # explicit, so both resolve it the same way
+    # KV cache: a flag for LoRAFleet, the environment for stock vLLM on CPU.
+    assert float(lf["--kv-cache-gib"]) == float(venv["VLLM_CPU_KVCACHE_SPACE"]) == 2
+    assert venv["VLLM_CPU_NUM_OF_RESERVED_CPU"] == lenv["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
+    assert lf["--no-demo"] == ""
+
+
+PARENT = textwrap.dedent("""
+    import signal, subprocess, sys, time
+    # A child in a session of its own (as Ray starts its workers) that ignores SIGTERM.
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"],
+        start_new_session=True,
+    )
+    open(sys.argv[1], "w").write(str(child.pid))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # the parent exits, the child stays
+    time.sleep(120)
+""")
+
+
+def test_stop_kills_descendants_outside_the_process_group(tmp_path: Path) -> None:
+    pid_file = tmp_path / "child.pid"
+    server = servers.start(
+        "fake", [sys.executable, "-c", PARENT, str(pid_file)], env={}, port=0,
+        log_path=tmp_path / "log",
+    )
+    deadline = time.monotonic() + 30
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = psutil.Process(int(pid_file.read_text()))
+    assert child.is_running()
+    survivors = servers.stop(server, term_timeout_s=5)
+    assert survivors == []
+    assert server.proc.poll() is not None
+    with contextlib.suppress(psutil.NoSuchProcess):
+        assert child.status() == psutil.STATUS_ZOMBIE
+
+
+def test_stop_of_an_exited_server_is_a_no_op(tmp_path: Path) -> None:
+    server = servers.start("fake", [sys.executable, "-c", "pass"], env={}, port=0,
+                           log_path=tmp_path / "log")
+    server.proc.wait(timeout=30)
+    assert servers.stop(server) == []
+    assert isinstance(server.proc, subprocess.Popen)
