@@ -115,9 +115,13 @@ async def reconcile_adapter(
         raise kopf.PermanentError(str(exc)) from exc
 
     observed: Observed | None = None
+    answer: Observed | None = None  # what serving answered to our last register/load call
     try:
         for _ in range(_MAX_STEPS):
-            observed = await _observe(deps, aspec)
+            # Serving's answer to a load lists the replicas that hold the adapter: that is its
+            # confirmation (under churn a later GET may already show it evicted elsewhere).
+            observed = answer or await _observe(deps, aspec)
+            answer = None
             decision = decide_adapter_action(aspec, current, observed)
             logger.debug("adapter %s/%s: %s (%s)", aspec.tenant, aspec.name,
                          decision.action, decision.reason)
@@ -126,21 +130,24 @@ async def reconcile_adapter(
                 # version loads at once, so the name never points at an unloaded adapter long.
                 rolling = decision.reason == "SourceChanged"
                 try:
-                    await deps.serving.register_adapter(aspec.tenant, aspec.name,
-                                                        source_ref(aspec), load=rolling)
+                    registered = await deps.serving.register_adapter(
+                        aspec.tenant, aspec.name, source_ref(aspec), load=rolling)
                 except AdapterRejected as exc:
                     decision = Decision(Action.FAIL, Phase.FAILED, "ValidationFailed",
                                         exc.message)
                     _write(patch, adapter_status_patch(aspec, current, decision, None, now))
                     raise kopf.PermanentError(exc.message) from exc
                 current = dataclasses.replace(current, registered_source=source_key(aspec))
+                answer = dataclasses.replace(observed, adapter=registered)
             elif decision.action is Action.LOAD:
                 try:
-                    await deps.serving.load_adapter(aspec.tenant, aspec.name, decision.wanted)
+                    loaded = await deps.serving.load_adapter(aspec.tenant, aspec.name,
+                                                             decision.wanted)
                 except AdapterRejected as exc:  # e.g. the engine refused to load it
                     decision = Decision(Action.FAIL, Phase.FAILED, "LoadFailed", exc.message)
                     _write(patch, adapter_status_patch(aspec, current, decision, None, now))
                     raise kopf.PermanentError(exc.message) from exc
+                answer = dataclasses.replace(observed, adapter=loaded)
             elif decision.action is Action.REJECT:
                 # Registered but not what the spec says: nothing of it may stay loaded.
                 await deps.serving.delete_adapter(aspec.tenant, aspec.name)
