@@ -149,7 +149,9 @@ class TokenFlowScheduler(Scheduler):
             consumption_rate=float(rate),
             first_token_time=self._first_token_at.get(req.request_id),
             adapter_id=str(lora.lora_int_id) if lora is not None else None,
-            paused_since=self._paused_since.get(req.request_id, now) if state is RequestState.PAUSED else None,
+            paused_since=(
+                self._paused_since.get(req.request_id, now) if state is RequestState.PAUSED else None
+            ),
             num_pauses=self._num_pauses.get(req.request_id, 0),
         )
 
