@@ -46,6 +46,13 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--kv-cache-gib", type=float, default=2.0, help="KV cache per replica (GiB).")
     p.add_argument("--dtype", default="auto",
                    help="Model dtype (auto: bfloat16 on CUDA, float32 on the CPU).")
+    p.add_argument("--scheduling-policy", choices=("fcfs", "tokenflow"), default="fcfs",
+                   help="fcfs: stock vLLM; tokenflow: streaming-aware preemptive scheduling.")
+    p.add_argument("--default-consumption-rate", type=float, default=6.0,
+                   help="Tokens/s a streaming client reads when it declares none (tokenflow).")
+    p.add_argument("--scheduling-max-running", type=int, default=None,
+                   help="tokenflow: batch slots filled before long buffers pause "
+                   "(default: --max-num-seqs).")
     p.set_defaults(func=cmd_serve)
 
 
@@ -90,6 +97,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
         max_cpu_loras=args.max_cpu_loras, kv_cache_bytes=int(args.kv_cache_gib * 2**30),
+        scheduling_policy=args.scheduling_policy,
+        default_consumption_rate=args.default_consumption_rate,
+        scheduling_max_running=args.scheduling_max_running,
     )
     keys: dict[str, str] = {}
     if demo:

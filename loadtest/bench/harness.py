@@ -33,8 +33,14 @@ from lorafleet.loadtest.errors import LoadTestError, ServerStartError
 from lorafleet.loadtest.report import write_json, write_report
 from lorafleet.loadtest.runner import run_workload
 
-SYSTEMS = ("vllm", "lorafleet")
-READY_TIMEOUT_S = {"vllm": 240.0, "lorafleet": 420.0}
+SYSTEMS = ("vllm", "lorafleet", "lorafleet-tokenflow")
+"""``lorafleet`` runs the stock (fcfs) scheduler; ``lorafleet-tokenflow`` the same build with
+``--scheduling-policy tokenflow`` (opt-in: ``--systems vllm,lorafleet,lorafleet-tokenflow``)."""
+READY_TIMEOUT_S = {"vllm": 240.0, "lorafleet": 420.0, "lorafleet-tokenflow": 420.0}
+# Extra ratio columns: (label, numerator system, denominator system).
+RATIOS = (("lorafleet/vllm", "lorafleet", "vllm"),
+          ("tokenflow/vllm", "lorafleet-tokenflow", "vllm"),
+          ("tokenflow/fcfs", "lorafleet-tokenflow", "lorafleet"))
 CPU_NOTE = "CPU run (2 cores): absolute figures are not representative; compare ratios."
 
 
@@ -113,12 +119,13 @@ def run_system(
         with servers.running(system, cmd, env, port, log, READY_TIMEOUT_S[system]):
             ready_s = time.monotonic() - t0
             phases = _run_phases(system, sc, target, {TENANT: None}, out_dir, console)
-    elif system == "lorafleet":
+    elif system in ("lorafleet", "lorafleet-tokenflow"):
         admin_key = "bench-" + secrets.token_hex(8)
         opts = servers.LoRAFleetOptions(
-            model_dir=model_dir, served_model_name=MODEL, data_dir=out_dir / "lorafleet-data",
+            model_dir=model_dir, served_model_name=MODEL, data_dir=out_dir / f"{system}-data",
             admin_key=admin_key, max_loras=sc.max_loras, max_lora_rank=ADAPTER_RANK,
             max_cpu_loras=sc.max_cpu_loras,
+            scheduling_policy="tokenflow" if system == "lorafleet-tokenflow" else "fcfs",
         )
         cmd, env = servers.lorafleet_command(opts, port)
         with servers.running(system, cmd, env, port, log, READY_TIMEOUT_S[system]) as srv:
@@ -173,6 +180,14 @@ def compare_systems(sc: Scenario, base: dict[str, Any], cand: dict[str, Any]) ->
     return out
 
 
+def compare_results_by_phase(base: dict[str, Any], cand: dict[str, Any]) -> dict[str, Any]:
+    """Per phase: tokenflow / fcfs on the same LoRAFleet build."""
+    return {"ratio": "lorafleet-tokenflow / lorafleet (fcfs)", "note": CPU_NOTE, "phases": {
+        name: compare_results(base["phases"][name], cand["phases"][name], "fcfs", "tokenflow")
+        for name in base["phases"] if name in cand["phases"]
+    }}
+
+
 def _headline_rows(sc: Scenario, docs: dict[str, dict[str, Any]]) -> list[tuple[str, list[Any]]]:
     """(label, [value per system]) rows of the scenario's headline figures."""
     from lorafleet.loadtest.compare import FIGURES, _get
@@ -200,13 +215,14 @@ def print_table(sc: Scenario, docs: dict[str, dict[str, Any]], console: Console)
     table.add_column("figure")
     for system in docs:
         table.add_column(system, justify="right")
-    both = list(docs) == list(SYSTEMS)
-    if both:
-        table.add_column("lorafleet/vllm", justify="right")
+    names = list(docs)
+    ratios = [(lbl, names.index(a), names.index(b)) for lbl, a, b in RATIOS if a in docs and b in docs]
+    for lbl, _, _ in ratios:
+        table.add_column(lbl, justify="right")
     for label, vals in _headline_rows(sc, docs):
         cells = ["-" if v is None else f"{v:.3g}" for v in vals]
-        if both:
-            r = ratio(vals[0], vals[1])
+        for _, a, b in ratios:
+            r = ratio(vals[b], vals[a])  # ratio(base, candidate) = candidate / base
             cells.append("-" if r is None else f"{r:.2f}x")
         table.add_row(label, *cells)
     console.print(table)
@@ -222,7 +238,7 @@ def plot(sc: Scenario, docs: dict[str, dict[str, Any]], path: Path) -> Path:
     rows = _headline_rows(sc, docs)
     fig, axes = plt.subplots(len(rows), 1, figsize=(7, 1.1 * len(rows) + 0.5), squeeze=False)
     for ax, (label, vals) in zip(axes[:, 0], rows, strict=True):
-        ax.barh(list(docs), [v or 0 for v in vals], color=["tab:gray", "tab:blue"][: len(vals)])
+        ax.barh(list(docs), [v or 0 for v in vals], color=["tab:gray", "tab:blue", "tab:green"][: len(vals)])
         ax.set_title(label, fontsize=8)
         ax.tick_params(labelsize=7)
     fig.suptitle(f"{sc.name} ({CPU_NOTE})", fontsize=8)
@@ -259,9 +275,12 @@ def run_bench(
         write_json(docs[system], out_dir / f"{system}.json")
     if not docs:
         raise LoadTestError("no system could be benchmarked (see the errors above)")
-    if set(docs) == set(SYSTEMS):
+    if {"vllm", "lorafleet"} <= set(docs):
         cmp = compare_systems(sc, docs["vllm"], docs["lorafleet"])
         (out_dir / "comparison.json").write_text(json.dumps(cmp, indent=1))
+    if {"lorafleet", "lorafleet-tokenflow"} <= set(docs):
+        cmp = compare_results_by_phase(docs["lorafleet"], docs["lorafleet-tokenflow"])
+        (out_dir / "comparison-tokenflow.json").write_text(json.dumps(cmp, indent=1))
     print_table(sc, docs, console)
     png = plot(sc, docs, out_dir / f"{sc.name}.png")
     console.print(f"results in {out_dir} ({png.name}); took {time.monotonic() - t0:.0f} s")

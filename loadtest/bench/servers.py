@@ -239,6 +239,8 @@ class LoRAFleetOptions:
     reserved_cpus: int = 1
     """Same meaning as :attr:`VLLMOptions.reserved_cpus`; reaches the engine replicas through
     the environment, which Ray's workers inherit."""
+    scheduling_policy: str = "fcfs"
+    """``lorafleet serve --scheduling-policy``: fcfs (stock) or tokenflow."""
 
 
 def lorafleet_command(opts: LoRAFleetOptions, port: int) -> tuple[list[str], dict[str, str]]:
@@ -257,6 +259,7 @@ def lorafleet_command(opts: LoRAFleetOptions, port: int) -> tuple[list[str], dic
         "--kv-cache-gib", str(opts.kv_cache_gib),
         "--max-num-seqs", str(opts.max_num_seqs),
         "--dtype", opts.dtype,
+        "--scheduling-policy", opts.scheduling_policy,
     ]
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", VLLM_CPU_NUM_OF_RESERVED_CPU=str(opts.reserved_cpus))
