@@ -253,8 +253,11 @@ def test_simulated_bounded_load_nobody_waits_forever_and_pauses_are_bounded(wl):
             views[d.request_id] = v
         t += dt
     assert done == set(views), "every request finishes under bounded load"
+    # Past its bound a request goes first, in arrival order among the overdue: it waits at most
+    # the bound plus the work of those ahead of it (each at most `longest_run` per slot).
     longest_run = 40 * dt
+    queue_bound = (len(views) / slots + 1) * longest_run + 1.0
     for rid, v in views.items():
-        assert started_at[rid] - v.arrival <= p.max_wait_s + 2 * longest_run + 1.0
+        assert started_at[rid] - v.arrival <= p.max_wait_s + queue_bound
         assert v.num_pauses <= p.max_pauses_per_request
-    assert longest_pause <= p.max_pause_s + 2 * longest_run + 1.0
+    assert longest_pause <= p.max_pause_s + queue_bound
