@@ -80,7 +80,7 @@ async def _bench(n: int, data_dir: Path, work: Path) -> dict[str, Any]:
     op_config = OperatorConfig(resync_seconds=30.0, tenant_resync_seconds=60.0)
     try:
         async with run_operator(serving, RegistryTenantStore(services.registry),
-                                config=op_config) as cluster:
+                                config=op_config, trim_request_log=True) as cluster:
             await cluster.apply(SECRETS, secret_manifest("bench-key", key))
             await cluster.apply(TENANTS, {
                 "apiVersion": "lorafleet.io/v1alpha1", "kind": "Tenant",
