@@ -144,7 +144,11 @@ class RayEngineClient:
         return merge_expositions(list(texts))
 
 
-@serve.deployment(name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0})
+# Ray Serve caps a replica at 5 concurrent requests by default: far too few for an
+# ingress that holds every streaming request open for its whole generation.
+@serve.deployment(
+    name="Ingress", num_replicas=1, max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0}
+)
 @serve.ingress()
 class Ingress:
     """The HTTP front: tenancy, validation, quotas and metrics, then the engine replicas."""

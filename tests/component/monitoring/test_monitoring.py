@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 import yaml
-
-from .promserver import PromServer, prometheus_binary
+from dashboards import exprs, grafana_to_promql, panels
+from promserver import PromServer, prometheus_binary
 
 REPO = Path(__file__).resolve().parents[3]
 FILES = REPO / "charts" / "lorafleet" / "files"
@@ -95,16 +95,6 @@ def test_slo_targets_are_bucket_boundaries_of_the_serving_histograms() -> None:
 
 def dashboard() -> dict[str, Any]:
     return json.loads(DASHBOARD.read_text())
-
-
-def panels(d: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    for p in d["panels"]:
-        yield p
-        yield from p.get("panels", [])
-
-
-def exprs(d: dict[str, Any]) -> list[str]:
-    return [t["expr"] for p in panels(d) if p["type"] != "row" for t in p["targets"]]
 
 
 def test_dashboard_structure() -> None:
@@ -239,12 +229,6 @@ def static_metrics() -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
-
-
-def grafana_to_promql(expr: str) -> str:
-    """Replace Grafana's variables the way Grafana does with "All" selected."""
-    expr = expr.replace("$__rate_interval", "1m").replace("$__interval", "15s")
-    return re.sub(r"\$(namespace|tenant|adapter)\b", ".*", expr)
 
 
 @needs_prometheus

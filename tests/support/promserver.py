@@ -46,7 +46,8 @@ class PromServer:
     def __init__(self, target: str, rule_files: Sequence[Path] = (), *,
                  job_name: str = "lorafleet-serving", metrics_path: str = "/metrics",
                  scrape_interval: str = "1s", evaluation_interval: str = "1s",
-                 rule_interval: str | None = "1s", binary: str | None = None) -> None:
+                 rule_interval: str | None = "1s", binary: str | None = None,
+                 bearer_token: str | None = None) -> None:
         self.target = target
         self.rule_files = [Path(p).resolve() for p in rule_files]
         self.job_name = job_name
@@ -56,6 +57,7 @@ class PromServer:
         # Rule groups may pin their own `interval` (30s in production); a test wants them fast.
         self.rule_interval = rule_interval
         self.binary = binary or prometheus_binary()
+        self.bearer_token = bearer_token
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
@@ -78,12 +80,15 @@ class PromServer:
                 path = root / f"rules-{i}-{path.name}"
                 path.write_text(yaml.safe_dump(rules, sort_keys=False))
             rule_paths.append(path)
+        scrape: dict[str, Any] = {"job_name": self.job_name, "metrics_path": self.metrics_path,
+                                  "static_configs": [{"targets": [self.target]}]}
+        if self.bearer_token:
+            scrape["authorization"] = {"type": "Bearer", "credentials": self.bearer_token}
         config = {
             "global": {"scrape_interval": self.scrape_interval,
                        "evaluation_interval": self.evaluation_interval},
             "rule_files": [str(p) for p in rule_paths],
-            "scrape_configs": [{"job_name": self.job_name, "metrics_path": self.metrics_path,
-                                "static_configs": [{"targets": [self.target]}]}],
+            "scrape_configs": [scrape],
         }
         (root / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.port = free_port()
