@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from lorafleet.adapters.registry import RedisRegistry, Registry, SQLiteRegistry
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
+
 from lorafleet.adapters.basemodel import base_model_info_from_config, block_of
 from lorafleet.adapters.cache import AdapterCache
 from lorafleet.adapters.errors import AdapterValidationError, NotFound
@@ -14,7 +16,6 @@ from lorafleet.adapters.ingest import import_adapter
 from lorafleet.adapters.model import Quota, Tenant
 from lorafleet.adapters.registry import Registry
 from lorafleet.adapters.validation import ValidationLimits
-from safetensors.numpy import save_file
 
 BASE = base_model_info_from_config(
     {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,

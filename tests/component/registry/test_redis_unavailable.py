@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 
 import pytest
+
 from lorafleet.adapters.errors import RegistryUnavailable
 from lorafleet.adapters.model import Quota, Tenant
 from lorafleet.adapters.registry import RedisRegistry

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
 from lorafleet.adapters.errors import AlreadyExists, NotFound
 from lorafleet.adapters.keys import generate_key, hash_key
 from lorafleet.adapters.model import AdapterRecord, ApiKey, Quota, Tenant

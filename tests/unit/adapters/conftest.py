@@ -9,9 +9,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
+
 from lorafleet.adapters.basemodel import BaseModelInfo, base_model_info_from_config, block_of
 from lorafleet.adapters.validation import ValidationLimits
-from safetensors.numpy import save_file
 
 TINY_CONFIG = {
     "architectures": ["LlamaForCausalLM"],

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from lorafleet.adapters.cache import AdapterCache, CacheEntry, decide_evictions
 from lorafleet.adapters.errors import CacheError
 

@@ -4,6 +4,7 @@ import re
 
 from hypothesis import given
 from hypothesis import strategies as st
+
 from lorafleet.adapters.keys import generate_key, hash_key, key_id_of, keys_match
 
 

@@ -5,6 +5,7 @@ import json
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from lorafleet.adapters.errors import InvalidName
 from lorafleet.adapters.model import (
     NAME_PATTERN,

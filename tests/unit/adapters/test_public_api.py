@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import importlib
 
-import lorafleet.adapters as adapters
 import pytest
+
+import lorafleet.adapters as adapters
 
 MODULES = ["model", "keys", "errors", "basemodel", "validation", "digest", "sources", "cache",
            "ingest", "registry", "registry.base", "registry.sqlite", "registry.redis"]

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from lorafleet.adapters.errors import AdapterFetchError, AdapterValidationError
 from lorafleet.adapters.sources import decide_member_path, fetch_adapter
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from lorafleet.adapters.basemodel import BaseModelInfo, load_base_model_info
 from lorafleet.adapters.errors import AdapterValidationError
 from lorafleet.adapters.validation import ValidationLimits, validate_adapter_dir
