@@ -44,6 +44,7 @@ run: venv
 	$(BIN)/lorafleet serve --data-dir $(DATA_DIR)
 
 test: venv system-deps
+	$(BIN)/ruff check serving adapters loadtest operator tests
 	LORAFLEET_DATA_DIR=$(abspath $(DATA_DIR)) $(BIN)/pytest
 
 test-fast: venv
