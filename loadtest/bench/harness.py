@@ -236,13 +236,14 @@ def plot(sc: Scenario, docs: dict[str, dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = _headline_rows(sc, docs)
-    fig, axes = plt.subplots(len(rows), 1, figsize=(7, 1.1 * len(rows) + 0.5), squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), 1, figsize=(7, 1.1 * len(rows) + 0.5), squeeze=False, layout="constrained"
+    )
     for ax, (label, vals) in zip(axes[:, 0], rows, strict=True):
         ax.barh(list(docs), [v or 0 for v in vals], color=["tab:gray", "tab:blue", "tab:green"][: len(vals)])
         ax.set_title(label, fontsize=8)
         ax.tick_params(labelsize=7)
-    fig.suptitle(f"{sc.name} ({CPU_NOTE})", fontsize=8)
-    fig.tight_layout()
+    fig.suptitle(f"{sc.name} ({CPU_NOTE})", fontsize=8)  # constrained layout keeps it clear
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
