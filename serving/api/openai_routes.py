@@ -61,12 +61,39 @@ async def read_json(request: Request, limit: int) -> Any:
         chunks.append(chunk)
     raw = b"".join(chunks)
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        # ValueError covers JSONDecodeError, UnicodeDecodeError and integer literals over
+        # Python's 4300-digit conversion limit; RecursionError covers deep nesting.
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:
         raise InvalidRequest(
             "We could not parse the JSON body of your request. (HINT: This likely means you "
             "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.)"
         ) from e
+    if _has_lone_surrogate(data):
+        # JSON allows "\ud800"; it is no text the tokenizer or a UTF-8 response can carry.
+        raise InvalidRequest("The request body contains an unpaired UTF-16 surrogate escape.")
+    return data
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether any string (key or value) in parsed JSON is not encodable as UTF-8.
+
+    Iterative: the parser already accepted the nesting, a recursive walk might not.
+    """
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
 
 
 def parse_body(model: type[_M], data: Any) -> _M:
