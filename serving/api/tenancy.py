@@ -8,7 +8,8 @@ sha256 (keys are random and high-entropy), and the stored hash is compared in co
 Lookups are cached for ``ttl`` seconds keyed by the registry's ``generation()`` (itself
 re-read at most once a second), so a registry write by another process (a revoked key, a
 deleted adapter) takes effect within a second, one by this process at once, and a registry
-that is briefly unreachable does not fail requests it already knows how to answer.
+that is briefly unreachable does not fail requests it already knows how to answer: keys,
+model names and model lists seen before the outage keep their last answer until it ends.
 """
 
 from __future__ import annotations
@@ -66,11 +67,19 @@ class Tenancy:
         # the entry is younger than ttl. Guards nothing shared across threads (one loop).
         self._keys: dict[str, tuple[float, int, Tenant | None]] = {}
         self._generation: tuple[float, int] | None = None
+        # Last answers read from the registry, used only while it is unreachable (a registry
+        # that is down cannot have changed them). Bounded like the key cache.
+        self._known_models: dict[tuple[str, str], AdapterRecord | None] = {}
+        self._known_visible: dict[str, list[AdapterRecord]] = {}
 
     def invalidate(self) -> None:
-        """Forget cached lookups (called after this process writes the registry)."""
+        """Re-read the generation on the next request (called when this process writes).
+
+        Cached keys are kept: they carry the generation they were read at, and every write
+        bumps it, so a key revoked here is re-read at once. Dropping them would make a
+        registry outage forget every key as soon as an admin call came in.
+        """
         self._generation = None
-        self._keys.clear()
 
     async def _current_generation(self) -> int:
         now = self.clock()
@@ -111,13 +120,20 @@ class Tenancy:
     async def resolve(self, tenant: Tenant, model: str) -> Resolved:
         if model == self.base_model:
             return Resolved(model, None)
+        key = (tenant.name, model)
         try:
             record = await self.registry.get_adapter(tenant.name, model)
             if record is None:
                 shared = await self.registry.list_shared_adapters()
                 record = next((a for a in shared if a.name == model), None)
         except RegistryUnavailable as e:
-            raise ServiceUnavailable("The adapter registry is unavailable; retry shortly.") from e
+            if key not in self._known_models:
+                raise ServiceUnavailable("The adapter registry is unavailable; retry shortly.") from e
+            record = self._known_models[key]
+        else:
+            if len(self._known_models) > 10_000:
+                self._known_models.clear()
+            self._known_models[key] = record
         if record is None:
             raise ModelNotFound(model)
         return Resolved(model, record)
@@ -127,9 +143,15 @@ class Tenancy:
             own = await self.registry.list_adapters(tenant.name)
             shared = await self.registry.list_shared_adapters()
         except RegistryUnavailable as e:
-            raise ServiceUnavailable("The adapter registry is unavailable; retry shortly.") from e
+            if tenant.name not in self._known_visible:
+                raise ServiceUnavailable("The adapter registry is unavailable; retry shortly.") from e
+            return list(self._known_visible[tenant.name])
         names = {a.name for a in own}
-        return sorted(own, key=lambda a: a.name) + sorted(
+        visible = sorted(own, key=lambda a: a.name) + sorted(
             (a for a in shared if a.name not in names and a.tenant != tenant.name),
             key=lambda a: a.name,
         )
+        if len(self._known_visible) > 10_000:
+            self._known_visible.clear()
+        self._known_visible[tenant.name] = visible
+        return list(visible)
