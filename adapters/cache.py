@@ -13,6 +13,7 @@ so a reader sees a whole entry or none.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import re
@@ -25,7 +26,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CacheError
+from .errors import CacheError, CacheFull
+
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _copy_or_full(src: str, dst: str) -> object:
+    """``shutil.copy2`` that raises ``CacheFull`` on a full disk.
+
+    ``copytree`` folds the OSErrors of its copies into one ``shutil.Error`` of strings and
+    keeps copying; a non-OSError stops it at once and keeps the reason readable.
+    """
+    try:
+        return shutil.copy2(src, dst)
+    except OSError as e:
+        if e.errno in _NO_ROOM:
+            raise CacheFull(f"no space left on the adapter cache's disk ({e.strerror})") from e
+        raise
 
 __all__ = ["AdapterCache", "CacheEntry", "decide_evictions"]
 
@@ -130,7 +147,13 @@ class AdapterCache:
             if self.get(digest) is None:
                 staging = self._staging / f"{digest}.{uuid.uuid4().hex}"
                 try:
-                    shutil.copytree(src, staging, symlinks=True)
+                    try:
+                        shutil.copytree(src, staging, symlinks=True, copy_function=_copy_or_full)
+                    except OSError as e:  # e.g. mkdir of the staging dir on a full disk
+                        if e.errno in _NO_ROOM:
+                            raise CacheFull(f"no space left on the adapter cache's disk "
+                                            f"({e.strerror})") from e
+                        raise
                     try:
                         os.rename(staging, target)  # atomic; fails if another writer won
                     except OSError:

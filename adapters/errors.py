@@ -8,6 +8,7 @@ the operator) map them to HTTP statuses or retry decisions by type, never by mes
     ├── AdapterValidationError        the adapter is refused; `.code` says which rule (422)
     ├── AdapterFetchError             the source could not be read; `.transient` says retry or not
     ├── CacheError                    the on-disk cache was misused (bad digest, missing entry)
+    │   └── CacheFull                 the cache's filesystem has no room left (507; free space)
     └── RegistryError                 the registry refused or failed an operation
         ├── NotFound                  the tenant / key / adapter does not exist (404)
         ├── AlreadyExists             a key id or key hash already exists (409)
@@ -24,6 +25,7 @@ __all__ = [
     "AdapterValidationError",
     "AlreadyExists",
     "CacheError",
+    "CacheFull",
     "InvalidName",
     "NotFound",
     "RegistryError",
@@ -84,6 +86,10 @@ class AdapterFetchError(AdapterError):
 
 class CacheError(AdapterError):
     """The adapter cache was asked something impossible (bad digest, missing source)."""
+
+
+class CacheFull(CacheError):
+    """The cache's filesystem is full (ENOSPC or EDQUOT); nothing was written."""
 
 
 class RegistryError(AdapterError):

@@ -16,6 +16,7 @@ from lorafleet.adapters.cache import AdapterCache
 from lorafleet.adapters.errors import (
     AdapterFetchError,
     AdapterValidationError,
+    CacheFull,
     InvalidName,
 )
 from lorafleet.adapters.ingest import import_adapter
@@ -25,7 +26,14 @@ from lorafleet.adapters.validation import ValidationLimits
 
 from ..engine.errors import EngineError
 from ..engine.protocol import AdapterRef
-from .errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable, UnprocessableAdapter
+from .errors import (
+    Conflict,
+    InsufficientStorage,
+    InvalidRequest,
+    NotFound,
+    ServiceUnavailable,
+    UnprocessableAdapter,
+)
 from .openai_routes import parse_body, read_json
 from .services import ApiServices
 
@@ -195,6 +203,8 @@ def build_admin_router(services: ApiServices) -> APIRouter:
             )
         except InvalidName as e:
             raise InvalidRequest(str(e), param="name") from e
+        except CacheFull as e:
+            raise InsufficientStorage(f"Adapter not added: {e}. Free space and retry.") from e
         except AdapterValidationError as e:
             raise UnprocessableAdapter(f"Adapter refused: {e.reason}", code=e.code) from e
         except AdapterFetchError as e:

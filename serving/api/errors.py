@@ -10,7 +10,8 @@
     ├── PayloadTooLarge       413 invalid_request_error   body over the limit
     ├── UnprocessableAdapter  422 invalid_request_error   an adapter refused by validation
     ├── RateLimited           429 rate_limit_error        quota exceeded; carries Retry-After
-    └── ServiceUnavailable    503 service_unavailable     engine or registry down; retry later
+    ├── ServiceUnavailable    503 service_unavailable     engine or registry down; retry later
+    └── InsufficientStorage   507 server_error            the adapter cache's disk is full
 
 Nothing here ever returns a stack trace; unexpected exceptions become a 500 whose message
 names only the request id.
@@ -126,6 +127,12 @@ class ServiceUnavailable(APIError):
     status = 503
     type = "service_unavailable"
     code = "service_unavailable"
+
+
+class InsufficientStorage(APIError):
+    status = 507
+    type = "server_error"
+    code = "insufficient_storage"
 
 
 _STATUS_TO_ERROR: dict[int, type[APIError]] = {
