@@ -51,6 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                        help="where the model and bench adapters are prepared")
     bench.set_defaults(func=cmd_bench)
 
+    from lorafleet.loadtest.soak import register as register_soak
+
+    register_soak(subparsers)
+
 
 def cmd_run(args: argparse.Namespace) -> int:
     from lorafleet.loadtest.report import summary_table, write_json, write_report

@@ -112,7 +112,9 @@ def run_system(
                 adapters={n: warm_dir / n for n in sc.adapters},
                 max_loras=sc.max_loras, max_lora_rank=ADAPTER_RANK,
                 max_cpu_loras=sc.max_cpu_loras,
-                resolver_dir=cold_dir if sc.cold_adapters else None,
+                resolver_dir=servers.resolver_view(
+                    cold_dir, sc.cold_adapters, model_dir, out_dir / "vllm-resolver"
+                ) if sc.cold_adapters else None,
             ),
             port,
         )

@@ -9,6 +9,7 @@ of the server's log.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -185,6 +186,28 @@ class VLLMOptions:
     resolver_dir: Path | None = None
     """When set, adapters not in ``adapters`` are resolved by name from this folder at request
     time (vLLM's filesystem resolver): a genuine cold load."""
+
+
+def resolver_view(adapters: Path, names: Sequence[str], model_dir: Path, dest: Path) -> Path:
+    """A folder vLLM's filesystem resolver accepts for ``names`` from ``adapters``.
+
+    The resolver only takes an adapter whose ``base_model_name_or_path`` equals the engine's
+    ``model`` argument (the model *path*), while LoRAFleet's adapters name the served model.
+    So each adapter gets a folder in ``dest`` with links to its files and a copy of its
+    ``adapter_config.json`` naming ``model_dir``; the adapters themselves are left untouched.
+    """
+    for name in names:
+        src, out = adapters / name, dest / name
+        out.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():
+            target = out / f.name
+            if f.name == "adapter_config.json":
+                config = json.loads(f.read_text())
+                config["base_model_name_or_path"] = str(model_dir)
+                target.write_text(json.dumps(config, indent=1))
+            elif not target.exists():
+                target.symlink_to(f.resolve())
+    return dest
 
 
 def vllm_command(opts: VLLMOptions, port: int) -> tuple[list[str], dict[str, str]]:

@@ -82,3 +82,21 @@ def test_stop_of_an_exited_server_is_a_no_op(tmp_path: Path) -> None:
     server.proc.wait(timeout=30)
     assert servers.stop(server) == []
     assert isinstance(server.proc, subprocess.Popen)
+
+
+def test_resolver_view_names_the_model_path(tmp_path: Path) -> None:
+    """vLLM's filesystem resolver compares base_model_name_or_path with the model path."""
+    import json
+
+    src = tmp_path / "cold" / "c00"
+    src.mkdir(parents=True)
+    (src / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "base_model_name_or_path": "M", "r": 8}))
+    (src / "adapter_model.safetensors").write_bytes(b"weights")
+    model_dir = tmp_path / "models" / "M"
+    view = servers.resolver_view(tmp_path / "cold", ["c00"], model_dir, tmp_path / "view")
+    config = json.loads((view / "c00" / "adapter_config.json").read_text())
+    assert config == {"peft_type": "LORA", "base_model_name_or_path": str(model_dir), "r": 8}
+    assert (view / "c00" / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert json.loads((src / "adapter_config.json").read_text())["base_model_name_or_path"] == "M"
+    servers.resolver_view(tmp_path / "cold", ["c00"], model_dir, tmp_path / "view")  # idempotent
