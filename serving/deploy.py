@@ -22,9 +22,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from .config import EngineConfig, ServeSettings
+from .engine.errors import EngineDead
 from .engine.protocol import AdapterRef, EngineStats, GenerateRequest, TokenDelta
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,8 @@ class RayEngineClient:
             async for delta in stream:
                 yield delta
             done = True
+        except RayActorError as e:  # the replica's process itself died mid-request
+            raise EngineDead(f"engine replica died: {type(e).__name__}") from e
         finally:
             if not done:
                 stream.cancel()  # propagates to the replica, which aborts the vLLM request

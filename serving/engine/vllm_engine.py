@@ -9,6 +9,7 @@ A cancelled consumer (client disconnect) aborts the request inside vLLM.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -142,6 +143,7 @@ class VLLMEngine:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         lora = None
         if request.adapter is not None:
@@ -185,13 +187,19 @@ class VLLMEngine:
                         "stop" if out.finished else None
                     ),
                 )
+        except EngineDeadError as e:
+            # The engine core process is gone. Ours is an EngineError, which the API turns
+            # into a 503 (Ray keeps the type: RayTaskError(EngineDead) is an EngineDead).
+            raise EngineDead(f"replica {self.replica_id}: the vLLM engine core died") from e
         finally:
             self._in_flight -= 1
             if request.adapter is not None:
                 self._residency.release(request.adapter.adapter_id)
             if not finished and self._llm is not None:
                 # Consumer went away (client disconnect, cancellation): free the KV now.
-                await asyncio.shield(self._llm.abort(request.request_id))
+                # A dead engine has nothing to free, and must not mask the first error.
+                with contextlib.suppress(EngineDeadError):
+                    await asyncio.shield(self._llm.abort(request.request_id))
 
     # -- introspection ----------------------------------------------------------------
 
