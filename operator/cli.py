@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     import kopf
 
     from .handlers import Dependencies, make_registry, make_settings
+    from .metrics import serve_metrics
     from .serving_client import ServingClient
     from .settings import OperatorConfig
     from .tenant_store import RegistryTenantStore
@@ -74,10 +75,14 @@ def run(args: argparse.Namespace) -> int:
         assert config.registry_url is not None
         tenants = RegistryTenantStore.from_url(config.registry_url)
         deps = Dependencies(serving=serving, tenants=tenants, config=config)
+        if config.metrics_port:
+            serve_metrics(deps.phases, config.metrics_port)
+        liveness = f"http://0.0.0.0:{config.health_port}/healthz" if config.health_port else None
         try:
             await kopf.operator(registry=make_registry(deps), settings=make_settings(),
                                 namespaces=list(config.namespaces),
-                                clusterwide=not config.namespaces, standalone=True)
+                                clusterwide=not config.namespaces, standalone=True,
+                                liveness_endpoint=liveness)
         finally:
             await serving.aclose()
             await tenants.close()

@@ -42,6 +42,7 @@ from .decisions import (
     source_ref,
 )
 from .errors import AdapterRejected, ServingError, ServingUnavailable, SpecError, TenantMissing
+from .metrics import AdapterPhases
 from .serving_client import ServingClient
 from .settings import OperatorConfig
 from .tenant_store import TenantStore
@@ -63,6 +64,7 @@ class Dependencies:
     tenants: TenantStore
     config: OperatorConfig = field(default_factory=lambda: OperatorConfig())
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    phases: AdapterPhases = field(default_factory=AdapterPhases)
 
 
 def make_settings(settings: kopf.OperatorSettings | None = None) -> kopf.OperatorSettings:
@@ -302,18 +304,28 @@ def make_registry(
 
     # LoRAAdapter ------------------------------------------------------------------------------
 
-    async def adapter_changed(name: str, spec: Any, status: Any, meta: Any, patch: kopf.Patch,
-                              retry: int, logger: Any, **_: Any) -> None:
-        await reconcile_adapter(deps, name=name, spec=spec, status=status, meta=meta,
-                                patch=patch, retry=retry, logger=logger)
+    def record_phase(namespace: str | None, name: str, status: Any, patch: kopf.Patch) -> None:
+        # The phase this handler wrote (or the one it found): feeds lorafleet_operator_adapters.
+        phase = patch.status.get("phase") or (status or {}).get("phase")
+        deps.phases.observe(namespace, name, phase, deleted=False)
+
+    async def adapter_changed(name: str, namespace: str | None, spec: Any, status: Any, meta: Any,
+                              patch: kopf.Patch, retry: int, logger: Any, **_: Any) -> None:
+        try:
+            await reconcile_adapter(deps, name=name, spec=spec, status=status, meta=meta,
+                                    patch=patch, retry=retry, logger=logger)
+        finally:
+            record_phase(namespace, name, status, patch)
 
     for decorator in (kopf.on.create, kopf.on.update, kopf.on.resume):
         decorator(GROUP, VERSION, ADAPTERS, registry=registry, id="reconcile",
                   field="spec" if decorator is kopf.on.update else None)(adapter_changed)
 
     @kopf.on.delete(GROUP, VERSION, ADAPTERS, registry=registry, id="cleanup")
-    async def adapter_deleted(name: str, spec: Any, patch: kopf.Patch, **_: Any) -> None:
+    async def adapter_deleted(name: str, namespace: str | None, spec: Any, patch: kopf.Patch,
+                              **_: Any) -> None:
         await cleanup_adapter(deps, name=name, spec=spec, patch=patch)
+        deps.phases.observe(namespace, name, None, deleted=True)
 
     @kopf.timer(GROUP, VERSION, ADAPTERS, registry=registry, id="placement",
                 interval=config.resync_seconds, initial_delay=config.resync_seconds)
@@ -322,8 +334,11 @@ def make_registry(
         # A new or restarted serving replica starts empty: load it where placement says.
         if (status or {}).get("phase") not in (Phase.READY.value, Phase.LOADING.value):
             return
-        await reconcile_adapter(deps, name=name, spec=spec, status=status, meta=meta,
-                                patch=patch, retry=int(kwargs.get("retry") or 0), logger=logger)
+        try:
+            await reconcile_adapter(deps, name=name, spec=spec, status=status, meta=meta,
+                                    patch=patch, retry=int(kwargs.get("retry") or 0), logger=logger)
+        finally:
+            record_phase(kwargs.get("namespace"), name, status, patch)
 
     # Tenant ----------------------------------------------------------------------------------
 

@@ -28,5 +28,9 @@ class OperatorConfig(BaseSettings):
         default=60.0, gt=0, description="How often each tenant re-checks its key Secrets.")
     request_timeout_seconds: float = Field(
         default=120.0, gt=0, description="Timeout of one admin API call (registration fetches).")
+    metrics_port: int | None = Field(
+        default=None, description="Serve Prometheus /metrics on this port (None: off).")
+    health_port: int | None = Field(
+        default=None, description="Serve kopf's liveness probe /healthz on this port (None: off).")
     max_backoff_seconds: float = Field(
         default=60.0, gt=0, description="Longest wait between retries after transient failures.")
