@@ -7,6 +7,7 @@ HTTP. Plaintext API keys leave the server exactly once, in the answer that creat
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -189,6 +190,7 @@ def build_admin_router(services: ApiServices) -> APIRouter:
             raise ServiceUnavailable("Adapter intake is not configured on this server.")
         if b.name == services.served_model_name:
             raise Conflict(f"`{b.name}` is the base model's name.", param="name")
+        previous = await reg.get_adapter(tenant, b.name)
         try:
             record = await import_adapter(
                 tenant=tenant,
@@ -213,6 +215,12 @@ def build_admin_router(services: ApiServices) -> APIRouter:
             raise UnprocessableAdapter(f"Could not fetch the adapter: {e.reason}", code="fetch_failed") from e
         if b.load:
             await load(record, None)
+        if previous is not None and previous.adapter_id != record.adapter_id:
+            # A new revision under the same name: requests now resolve to the new id (loaded
+            # above when asked), so the old one can go; if it is still busy the replicas' LRU
+            # drops it once idle.
+            with contextlib.suppress(EngineError):
+                await services.engines.unload_adapter(previous.adapter_id)
         return adapter_json(record, await holders())
 
     @router.get("/tenants/{tenant}/adapters")

@@ -237,3 +237,18 @@ async def test_client_disconnect_aborts_engine_request(client, tenants, engine):
 
 
 _ = httpx
+
+
+async def test_new_revision_replaces_the_old_one_on_the_replicas(client, tenants, adapter_dirs, engine):
+    admin = {"Authorization": "Bearer test-admin-key"}
+    old = (await client.get("/admin/v1/tenants/alice/adapters/ad-r4-qv", headers=admin)).json()
+    assert old["replicas"] == ["replica-0"]
+    r = await client.post("/admin/v1/tenants/alice/adapters",
+                          json={"name": "ad-r4-qv", "source": str(adapter_dirs["ad-r16-mlp"])},
+                          headers=admin)
+    assert r.status_code == 201, r.text
+    new = r.json()
+    assert new["id"] != old["id"] and new["rank"] == 16 and new["replicas"] == ["replica-0"]
+    resident = (await engine.stats()).resident_adapters
+    assert new["id"] in resident and old["id"] not in resident
+    assert (await chat(client, tenants["alice"], "ad-r4-qv")).status_code == 200
