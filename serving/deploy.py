@@ -14,6 +14,7 @@ metrics) fan out with ``DeploymentHandle.broadcast``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -27,7 +28,7 @@ from ray.serve.handle import DeploymentHandle
 
 from .config import EngineConfig, ServeSettings
 from .engine.errors import EngineDead
-from .engine.protocol import AdapterRef, EngineStats, GenerateRequest, TokenDelta
+from .engine.protocol import AdapterRef, EngineStats, GenerateRequest, TokenDelta, merge_deltas
 
 log = logging.getLogger(__name__)
 APP_NAME = "lorafleet"
@@ -46,6 +47,48 @@ class _ResidentAdapter:
         # Still in use: the engine's own LRU drops it once idle.
         with contextlib.suppress(AdapterBusy):
             await self.engine.unload_adapter(self.adapter_id)
+
+
+async def coalesced(deltas: AsyncIterator[TokenDelta]) -> AsyncIterator[TokenDelta]:
+    """Pass deltas on as they come, merging those that piled up while the consumer was busy.
+
+    Every item crossing Ray costs a serialisation and an object transfer; when the ingress
+    falls behind (a loaded CPU), several tokens travel as one item instead of queueing.
+    Closing this generator cancels the pump, which aborts the engine request.
+    """
+    queue: asyncio.Queue[TokenDelta | BaseException | None] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for d in deltas:
+                queue.put_nowait(d)
+            queue.put_nowait(None)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # re-raised on the consumer's side
+            queue.put_nowait(e)
+
+    task = asyncio.create_task(pump())
+    try:
+        done = False
+        while not done:
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            ready: list[TokenDelta] = []
+            for item in batch:
+                if item is None:
+                    done = True
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                ready.append(item)
+            if ready:
+                yield merge_deltas(ready)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def engine_deployment(
@@ -80,7 +123,7 @@ def engine_deployment(
             if request.adapter is not None:
                 self._paths[request.adapter.adapter_id] = request.adapter.path
                 await self._adapter(request.adapter.adapter_id)
-            async for delta in self.engine.generate(request):
+            async for delta in coalesced(self.engine.generate(request)):
                 yield delta
 
         async def load_adapter(self, adapter: AdapterRef) -> str:

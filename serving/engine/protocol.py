@@ -60,6 +60,17 @@ class TokenDelta:
     finish_reason: FinishReason | None = None
 
 
+def merge_deltas(deltas: list[TokenDelta]) -> TokenDelta:
+    """One delta carrying several consecutive ones (same request, in order)."""
+    if len(deltas) == 1:
+        return deltas[0]
+    return TokenDelta(
+        text="".join(d.text for d in deltas),
+        token_ids=tuple(t for d in deltas for t in d.token_ids),
+        finish_reason=deltas[-1].finish_reason,
+    )
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """A snapshot of an engine replica, for /admin and the router."""
