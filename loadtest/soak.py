@@ -234,7 +234,9 @@ async def _sampler(pids: list[int], interval_s: float, stop: asyncio.Event, t0: 
 
 
 def _machine() -> dict[str, Any]:
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    # The load average says how much else ran on the machine while the figures were taken.
+    return {"cpus": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "loadavg_1_5_15": os.getloadavg()}
 
 
 def _records_summary(records: list[RequestRecord]) -> dict[str, Any]:
@@ -354,7 +356,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def _main(fn: Any, args: argparse.Namespace) -> int:
     doc = asyncio.run(fn(args))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1))
+    args.out.write_text(json.dumps(doc, indent=1, default=str))
     shown = {k: v for k, v in doc.items() if k not in ("samples", "config")}
-    print(json.dumps(shown, indent=1))
+    print(json.dumps(shown, indent=1, default=str))
     return 0 if doc.get("requests", {}).get("errors", {}) == {} else 1
