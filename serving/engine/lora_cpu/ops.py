@@ -8,8 +8,9 @@ vLLM 0.32's ``vllm/lora/ops/torch_ops/lora_ops.py`` has two problems on the CPU:
 * **Speed.** For every token, every wrapped layer and every slice, the stock ops gather
   a full copy of the slot's weights (padded to ``max_lora_rank``) and run a batched einsum.
 
-Here each op groups the rows by slot and runs one plain matmul per slot present in the
-batch, skipping rows whose index is negative (their contribution is zero). The semantics
+Here each op treats rows whose index is negative as "no adapter" (contribution zero). Small
+calls (decode) keep the gather + einsum, with the index clamped and those rows zeroed; large
+calls (prefill) group the rows by slot and run one plain matmul per slot in the batch. The semantics
 of each function (argument order, ``add_inputs``, slicing, the single-row broadcast in
 ``bgmv_expand``) are those of the stock op it replaces.
 """
@@ -28,6 +29,12 @@ __all__ = [
 ]
 
 
+# Below this many gathered weight elements (tokens x out x in) one gather + batched einsum
+# beats a matmul per slot: decode steps, where a batch has few tokens and may touch many
+# adapters. Above it (prefill), gathering a weight copy per token costs far more.
+GATHER_MAX_ELEMENTS = 1 << 22
+
+
 def grouped_lora_matmul(
     inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -40,9 +47,12 @@ def grouped_lora_matmul(
     x = inputs.to(dtype)
     n = x.shape[0]
     idx = indices[:n]
+    if n * weights.shape[1] * weights.shape[2] <= GATHER_MAX_ELEMENTS:
+        out = torch.einsum("bi,boi->bo", x, weights[idx.clamp(min=0)].to(dtype))
+        return out.masked_fill_((idx < 0).unsqueeze(1), 0.0)
     slots = torch.unique(idx).tolist()
     if len(slots) == 1:
-        # The common cases: a batch on one adapter, or no adapter at all.
+        # The common prefill cases: a batch on one adapter, or no adapter at all.
         slot = int(slots[0])
         if slot < 0:
             return x.new_zeros((n, weights.shape[1]))
