@@ -147,3 +147,68 @@ async def test_keys_are_stored_hashed_and_never_logged(
     logged = "\n".join(f"{rec.getMessage()} {rec.args} {rec.exc_text}" for rec in caplog.records)
     for key in plaintexts:
         assert key.rsplit("_", 1)[-1] not in logged
+
+
+@pytest.mark.redis
+async def test_keys_are_stored_hashed_in_redis(services: Any, tmp_path: Path) -> None:
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    import redis.asyncio as aioredis
+
+    from lorafleet.adapters.registry import open_registry
+    from lorafleet.serving.api.app import build_app
+    from lorafleet.serving.api.services import ApiServices
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("no redis-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        raw = aioredis.from_url(url)
+        for _ in range(100):
+            try:
+                await raw.ping()
+                break
+            except Exception:
+                time.sleep(0.05)
+        s2 = ApiServices(served_model_name=services.served_model_name, registry=open_registry(url),
+                         engines=services.engines, renderer=services.renderer,
+                         admin_key_hash=services.admin_key_hash)
+        transport = httpx.ASGITransport(app=build_app(s2))
+        async with httpx.AsyncClient(transport=transport, base_url="http://lorafleet") as c:
+            assert (await c.post("/admin/v1/tenants", json={"name": "carol"},
+                                 headers=auth(ADMIN_KEY))).status_code == 201
+            key = (await c.post("/admin/v1/tenants/carol/keys", json={},
+                                headers=auth(ADMIN_KEY))).json()["key"]
+            assert (await c.get("/v1/models", headers=auth(key))).status_code == 200
+        everything = []
+        async for k in raw.scan_iter():
+            everything.append(k)
+            kind = (await raw.type(k)).decode()
+            if kind == "string":
+                everything.append(await raw.get(k))
+            elif kind == "hash":
+                everything.extend(x for kv in (await raw.hgetall(k)).items() for x in kv)
+            elif kind == "set":
+                everything.extend(await raw.smembers(k))
+            elif kind == "zset":
+                everything.extend(await raw.zrange(k, 0, -1))
+            elif kind == "list":
+                everything.extend(await raw.lrange(k, 0, -1))
+        blob = b"\n".join(x if isinstance(x, bytes) else str(x).encode() for x in everything)
+        assert b"carol" in blob  # the search does see the registry's contents
+        for secret in (key, key.rsplit("_", 1)[-1], ADMIN_KEY):
+            assert secret.encode() not in blob
+        await s2.registry.close()
+        await raw.aclose()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
