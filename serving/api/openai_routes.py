@@ -39,11 +39,30 @@ log = logging.getLogger(__name__)
 _M = TypeVar("_M", bound=BaseModel)
 
 
+def _inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
+    """Replace pydantic's ``#/$defs/X`` refs by their targets (our request models are not
+    recursive): inside an OpenAPI document those refs would resolve against the document
+    root, where there is no ``$defs``, and break every client generator and fuzzer."""
+    defs = schema.get("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return walk(defs[ref.removeprefix("#/$defs/")])
+            return {k: walk(v) for k, v in node.items() if k != "$defs"}
+        if isinstance(node, list):
+            return [walk(x) for x in node]
+        return node
+
+    return dict(walk(schema))
+
+
 def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
     return {
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": model.model_json_schema()}},
+            "content": {"application/json": {"schema": _inline_defs(model.model_json_schema())}},
         }
     }
 
