@@ -47,16 +47,16 @@ def grouped_lora_matmul(
     x = inputs.to(dtype)
     n = x.shape[0]
     idx = indices[:n]
+    first = int(idx[0])
+    if bool((idx == first).all()):
+        # One adapter (or none) for the whole batch: a single plain matmul.
+        if first < 0:
+            return x.new_zeros((n, weights.shape[1]))
+        return x @ weights[first].to(dtype).T
     if n * weights.shape[1] * weights.shape[2] <= GATHER_MAX_ELEMENTS:
         out = torch.einsum("bi,boi->bo", x, weights[idx.clamp(min=0)].to(dtype))
         return out.masked_fill_((idx < 0).unsqueeze(1), 0.0)
     slots = torch.unique(idx).tolist()
-    if len(slots) == 1:
-        # The common prefill cases: a batch on one adapter, or no adapter at all.
-        slot = int(slots[0])
-        if slot < 0:
-            return x.new_zeros((n, weights.shape[1]))
-        return x @ weights[slot].to(dtype).T
     out = x.new_zeros((n, weights.shape[1]))
     for slot in slots:
         if slot < 0:

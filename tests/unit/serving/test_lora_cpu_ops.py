@@ -30,6 +30,14 @@ def test_matches_reference_with_base_rows(tokens: int, four_d: bool) -> None:
     assert torch.all(got[idx < 0] == 0)
 
 
+@pytest.mark.parametrize("slot", [-1, 0, 2])
+def test_one_slot_for_the_whole_batch(slot: int) -> None:
+    x = torch.randn(7, 32)
+    w = torch.randn(3, 4, 32)
+    idx = torch.full((7,), slot)
+    torch.testing.assert_close(ops.grouped_lora_matmul(x, w, idx, torch.float32), reference(x, w, idx))
+
+
 def test_paths_are_chosen_by_size() -> None:
     assert 16 * 16 * 576 <= ops.GATHER_MAX_ELEMENTS < 3000 * 16 * 96
 
