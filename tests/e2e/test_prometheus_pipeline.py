@@ -62,6 +62,9 @@ def _per_tenant(prom: PromServer, metric: str) -> dict[str, tuple[float, float]]
 def test_server_metrics_agree_with_the_client(demo_server):
     target = demo_server.base_url.removeprefix("http://")
     with PromServer(target, [RULES], bearer_token=demo_server.admin_key) as prom:
+        # Baseline only once Prometheus has scraped the server (other tests share it).
+        assert prom.wait_until('up{job="lorafleet-serving"} == 1', timeout=60), prom.log()
+        time.sleep(2.5)
         before_ttft = _per_tenant(prom, "lorafleet_time_to_first_token_seconds")
         before_tpot = _per_tenant(prom, "lorafleet_time_per_output_token_seconds")
         workload = parse_workload(WORKLOAD)
