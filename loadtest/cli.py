@@ -15,7 +15,7 @@ from rich.console import Console
 
 from lorafleet.loadtest.errors import LoadTestError
 
-SCENARIOS = ("multi-lora", "burst", "cold-start", "overhead")
+SCENARIOS = ("multi-lora", "burst", "cold-start", "overhead", "lora-ops")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -45,10 +45,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     bench.add_argument("--quick", action="store_true", help="a ~2-minute version")
     bench.add_argument(
         "--systems", default="vllm,lorafleet",
-        help="comma-separated subset of vllm,lorafleet (default both)",
+        help="comma-separated subset of vllm,lorafleet,lorafleet-tokenflow,lorafleet-stockops "
+        "(default vllm,lorafleet)",
     )
     bench.add_argument("--data-dir", type=Path, default=Path(".lorafleet"),
                        help="where the model and bench adapters are prepared")
+    bench.add_argument("--reserved-cpus", type=int, default=0,
+                       help="VLLM_CPU_NUM_OF_RESERVED_CPU for every system (default 0: all "
+                       "cores compute; vLLM's own default is 1)")
+    bench.add_argument("--threads", type=int,
+                       help="lora-ops only: torch threads (default: all cores)")
     bench.set_defaults(func=cmd_bench)
 
     from lorafleet.loadtest.soak import register as register_soak
@@ -99,10 +105,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from lorafleet.loadtest.bench.harness import run_bench
 
     console = _console()
+    if args.scenario == "lora-ops":  # in-process microbenchmark, no servers
+        from lorafleet.loadtest.bench.lora_ops import run_lora_ops
+
+        run_lora_ops(args.out_dir, quick=args.quick, console=console, threads=args.threads)
+        return 0
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     try:
         run_bench(args.scenario, out_dir=args.out_dir, quick=args.quick, systems=systems,
-                  data_dir=args.data_dir, console=console)
+                  data_dir=args.data_dir, console=console, reserved_cpus=args.reserved_cpus)
     except LoadTestError as exc:
         console.print(f"[red]error:[/] {exc}")
         return 2

@@ -20,27 +20,30 @@ from rich.table import Table
 
 from lorafleet.loadtest.bench import servers
 from lorafleet.loadtest.bench.scenarios import (
-    ADAPTER_RANK,
-    ADAPTER_TARGETS,
     MODEL,
     TENANT,
     Scenario,
     _workload,
+    adapter_shape,
     get_scenario,
+    max_lora_rank,
 )
 from lorafleet.loadtest.compare import compare_results, ratio
 from lorafleet.loadtest.errors import LoadTestError, ServerStartError
 from lorafleet.loadtest.report import write_json, write_report
 from lorafleet.loadtest.runner import run_workload
 
-SYSTEMS = ("vllm", "lorafleet", "lorafleet-tokenflow")
+SYSTEMS = ("vllm", "lorafleet", "lorafleet-tokenflow", "lorafleet-stockops")
 """``lorafleet`` runs the stock (fcfs) scheduler; ``lorafleet-tokenflow`` the same build with
-``--scheduling-policy tokenflow`` (opt-in: ``--systems vllm,lorafleet,lorafleet-tokenflow``)."""
-READY_TIMEOUT_S = {"vllm": 240.0, "lorafleet": 420.0, "lorafleet-tokenflow": 420.0}
+``--scheduling-policy tokenflow``; ``lorafleet-stockops`` the same build with vLLM's own CPU
+LoRA ops (``LORAFLEET_STOCK_LORA_OPS=1``). The last two are opt-in (``--systems``)."""
+READY_TIMEOUT_S = {"vllm": 240.0, "lorafleet": 420.0, "lorafleet-tokenflow": 420.0,
+                   "lorafleet-stockops": 420.0}
 # Extra ratio columns: (label, numerator system, denominator system).
 RATIOS = (("lorafleet/vllm", "lorafleet", "vllm"),
           ("tokenflow/vllm", "lorafleet-tokenflow", "vllm"),
-          ("tokenflow/fcfs", "lorafleet-tokenflow", "lorafleet"))
+          ("tokenflow/fcfs", "lorafleet-tokenflow", "lorafleet"),
+          ("ours/stock ops", "lorafleet", "lorafleet-stockops"))
 CPU_NOTE = "CPU run (2 cores): absolute figures are not representative; compare ratios."
 
 
@@ -49,14 +52,15 @@ def prepare_assets(sc: Scenario, data_dir: Path, console: Console) -> tuple[Path
     from lorafleet.serving.demo import make_random_adapter, prepare_base_model
 
     model_dir = Path(prepare_base_model(data_dir / "models" / MODEL))
-    warm_dir = data_dir / "bench-adapters" / "warm"
+    warm_dir = data_dir / "bench-adapters" / ("mixed" if sc.mixed_adapters else "warm")
     cold_dir = data_dir / "bench-adapters" / "cold"
     for folder, names in ((warm_dir, sc.adapters), (cold_dir, sc.cold_adapters)):
         for i, name in enumerate(names):
             out = folder / name
+            rank, targets = adapter_shape(sc, i)
             if not (out / "adapter_config.json").exists():
                 make_random_adapter(
-                    model_dir, out, rank=ADAPTER_RANK, target_modules=list(ADAPTER_TARGETS),
+                    model_dir, out, rank=rank, target_modules=list(targets),
                     seed=1000 + i + (500 if folder == cold_dir else 0), base_model_name=MODEL,
                 )
     console.print(f"model {model_dir}; {len(sc.adapters)} adapters, {len(sc.cold_adapters)} cold")
@@ -99,7 +103,7 @@ def _run_phases(
 
 def run_system(
     system: str, sc: Scenario, model_dir: Path, warm_dir: Path, cold_dir: Path,
-    out_dir: Path, console: Console,
+    out_dir: Path, console: Console, reserved_cpus: int = 0,
 ) -> dict[str, Any]:
     port = servers.free_port()
     log = out_dir / "logs" / f"{system}.log"
@@ -110,8 +114,8 @@ def run_system(
             servers.VLLMOptions(
                 model_dir=model_dir, served_model_name=MODEL,
                 adapters={n: warm_dir / n for n in sc.adapters},
-                max_loras=sc.max_loras, max_lora_rank=ADAPTER_RANK,
-                max_cpu_loras=sc.max_cpu_loras,
+                max_loras=sc.max_loras, max_lora_rank=max_lora_rank(sc),
+                max_cpu_loras=sc.max_cpu_loras, reserved_cpus=reserved_cpus,
                 resolver_dir=servers.resolver_view(
                     cold_dir, sc.cold_adapters, model_dir, out_dir / "vllm-resolver"
                 ) if sc.cold_adapters else None,
@@ -121,13 +125,14 @@ def run_system(
         with servers.running(system, cmd, env, port, log, READY_TIMEOUT_S[system]):
             ready_s = time.monotonic() - t0
             phases = _run_phases(system, sc, target, {TENANT: None}, out_dir, console)
-    elif system in ("lorafleet", "lorafleet-tokenflow"):
+    elif system.startswith("lorafleet"):
         admin_key = "bench-" + secrets.token_hex(8)
         opts = servers.LoRAFleetOptions(
             model_dir=model_dir, served_model_name=MODEL, data_dir=out_dir / f"{system}-data",
-            admin_key=admin_key, max_loras=sc.max_loras, max_lora_rank=ADAPTER_RANK,
-            max_cpu_loras=sc.max_cpu_loras,
+            admin_key=admin_key, max_loras=sc.max_loras, max_lora_rank=max_lora_rank(sc),
+            max_cpu_loras=sc.max_cpu_loras, reserved_cpus=reserved_cpus,
             scheduling_policy="tokenflow" if system == "lorafleet-tokenflow" else "fcfs",
+            stock_lora_ops=system == "lorafleet-stockops",
         )
         cmd, env = servers.lorafleet_command(opts, port)
         with servers.running(system, cmd, env, port, log, READY_TIMEOUT_S[system]) as srv:
@@ -146,7 +151,7 @@ def run_system(
     else:
         raise LoadTestError(f"unknown system {system!r}; known: {SYSTEMS}")
     return {"scenario": sc.name, "system": system, "ready_s": ready_s, "note": CPU_NOTE,
-            "phases": phases}
+            "reserved_cpus": reserved_cpus, "phases": phases}
 
 
 def cold_start_figures(doc: dict[str, Any]) -> dict[str, float | None]:
@@ -212,6 +217,42 @@ def _headline_rows(sc: Scenario, docs: dict[str, dict[str, Any]]) -> list[tuple[
     return rows
 
 
+def relative_to_base(docs: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Per system and adapter phase: output tok/s and TTFT p50 over the same system's ``base``
+    phase (how close adapters come to base-model speed on one server)."""
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    for system, doc in docs.items():
+        base = doc["phases"].get("base")
+        if base is None:
+            continue
+        b = base["summary"]
+        out[system] = {
+            name: {
+                "tok/s vs base": ratio(b["output_tokens_per_s"], p["summary"]["output_tokens_per_s"]),
+                "TTFT p50 vs base": ratio(b["ttft_s"]["p50"], p["summary"]["ttft_s"]["p50"]),
+            }
+            for name, p in doc["phases"].items() if name != "base"
+        }
+    return out
+
+
+def print_relative(rel: dict[str, dict[str, dict[str, float | None]]], console: Console) -> None:
+    table = Table(title="relative to base-model-only traffic on the same server")
+    table.add_column("phase")
+    for system in rel:
+        table.add_column(f"{system} tok/s", justify="right")
+        table.add_column(f"{system} TTFT p50", justify="right")
+    phases = next(iter(rel.values()))
+    for phase in phases:
+        cells = []
+        for system in rel:
+            fig = rel[system].get(phase, {})
+            cells += ["-" if fig.get(k) is None else f"{fig[k]:.2f}x"
+                      for k in ("tok/s vs base", "TTFT p50 vs base")]
+        table.add_row(phase, *cells)
+    console.print(table)
+
+
 def print_table(sc: Scenario, docs: dict[str, dict[str, Any]], console: Console) -> None:
     table = Table(title=f"bench {sc.name}: {sc.description}")
     table.add_column("figure")
@@ -242,7 +283,8 @@ def plot(sc: Scenario, docs: dict[str, dict[str, Any]], path: Path) -> Path:
         len(rows), 1, figsize=(7, 1.1 * len(rows) + 0.5), squeeze=False, layout="constrained"
     )
     for ax, (label, vals) in zip(axes[:, 0], rows, strict=True):
-        ax.barh(list(docs), [v or 0 for v in vals], color=["tab:gray", "tab:blue", "tab:green"][: len(vals)])
+        colors = ["tab:gray", "tab:blue", "tab:green", "tab:orange"][: len(vals)]
+        ax.barh(list(docs), [v or 0 for v in vals], color=colors)
         ax.set_title(label, fontsize=8)
         ax.tick_params(labelsize=7)
     fig.suptitle(f"{sc.name} ({CPU_NOTE})", fontsize=8)  # constrained layout keeps it clear
@@ -253,7 +295,7 @@ def plot(sc: Scenario, docs: dict[str, dict[str, Any]], path: Path) -> Path:
 
 def run_bench(
     scenario: str, *, out_dir: Path, quick: bool, systems: list[str], data_dir: Path,
-    console: Console,
+    console: Console, reserved_cpus: int = 0,
 ) -> dict[str, Any]:
     """Run a scenario on each system in turn; write results, comparison and plot."""
     unknown = [s for s in systems if s not in SYSTEMS]
@@ -271,7 +313,8 @@ def run_bench(
     t0 = time.monotonic()
     for system in [s for s in SYSTEMS if s in systems]:
         try:
-            docs[system] = run_system(system, sc, model_dir, warm_dir, cold_dir, out_dir, console)
+            docs[system] = run_system(system, sc, model_dir, warm_dir, cold_dir, out_dir, console,
+                                      reserved_cpus=reserved_cpus)
         except ServerStartError as exc:
             console.print(f"[red]{system} failed:[/] {exc}")
             continue
@@ -285,6 +328,10 @@ def run_bench(
         cmp = compare_results_by_phase(docs["lorafleet"], docs["lorafleet-tokenflow"])
         (out_dir / "comparison-tokenflow.json").write_text(json.dumps(cmp, indent=1))
     print_table(sc, docs, console)
+    if sc.name == "multi-lora":
+        rel = relative_to_base(docs)
+        (out_dir / "relative-to-base.json").write_text(json.dumps(rel, indent=1))
+        print_relative(rel, console)
     png = plot(sc, docs, out_dir / f"{sc.name}.png")
     console.print(f"results in {out_dir} ({png.name}); took {time.monotonic() - t0:.0f} s")
     return docs

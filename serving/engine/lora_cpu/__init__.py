@@ -1,12 +1,20 @@
-"""vLLM plugin: LoRAFleet's CPU LoRA ops (the ``-1`` index fix, grouped matmuls).
+"""vLLM plugin: LoRAFleet's CPU LoRA path (index-safe ops, grouped/packed multi-LoRA GEMMs).
 
 vLLM calls every ``vllm.general_plugins`` entry point in every process it starts
-(API server, engine core, workers), so ``register`` runs before any model is built.
-It swaps the op functions that ``PunicaWrapperCPU`` calls for the ones in ``ops``.
-The swap is a no-op off the CPU path: the CUDA wrapper uses Triton kernels, not these.
+(API server, engine core, workers), so ``register`` runs before any model is built. It
 
-Set ``LORAFLEET_STOCK_LORA_OPS=1`` to keep vLLM's own ops (used by the regression test
-that shows the bug, and for A/B measurements).
+* points ``CpuPlatform.get_punica_wrapper()`` at :class:`wrapper.PunicaWrapperFleetCPU`
+  (per-step plan, rank-trimmed weights, grouped GEMMs for prefill, packed GEMMs for decode);
+* swaps the op functions the stock wrapper still uses (embeddings, logits, sharded layers)
+  for the index-safe ones in ``ops`` (a ``-1`` row never picks up the last slot);
+* wraps ``BaseLinearLayerWithLoRA.reset_lora`` (the first step of every slot write) to note
+  which slot changed, so the wrapper re-trims just that slot (``packing``).
+
+Nothing changes off the CPU path: the CUDA platform names its own (Triton) wrapper.
+Set ``LORAFLEET_STOCK_LORA_OPS=1`` to keep vLLM's own wrapper and ops, bug included
+(the regression test that shows the bug, and A/B measurements).
+
+Design and figures: docs/lora-cpu.md.
 """
 
 from __future__ import annotations
@@ -16,24 +24,51 @@ import os
 from . import ops
 
 _PATCHED_NAMES = ops.__all__
+WRAPPER_QUALNAME = "lorafleet.serving.engine.lora_cpu.wrapper.PunicaWrapperFleetCPU"
+
+
+def stock_requested() -> bool:
+    return os.environ.get("LORAFLEET_STOCK_LORA_OPS", "") in ("1", "true", "True")
 
 
 def register() -> None:
-    """Install the fixed ops into vLLM's torch-ops module and the CPU Punica wrapper."""
-    if os.environ.get("LORAFLEET_STOCK_LORA_OPS", "") in ("1", "true", "True"):
+    """Install our wrapper and the fixed ops into vLLM (idempotent)."""
+    if stock_requested():
         return
     import vllm.lora.ops.torch_ops as torch_ops_pkg
     import vllm.lora.ops.torch_ops.lora_ops as lora_ops
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+    from vllm.platforms.cpu import CpuPlatform
 
     for module in (lora_ops, torch_ops_pkg, punica_cpu):
         for name in _PATCHED_NAMES:
             if hasattr(module, name):
                 setattr(module, name, getattr(ops, name))
+    CpuPlatform.get_punica_wrapper = classmethod(lambda cls: WRAPPER_QUALNAME)
+    _note_slot_writes()
+
+
+def _note_slot_writes() -> None:
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    from .packing import note_slot_written
+
+    original = BaseLinearLayerWithLoRA.reset_lora
+    if getattr(original, "_lorafleet", False):
+        return
+
+    def reset_lora(self: BaseLinearLayerWithLoRA, index: int) -> None:
+        original(self, index)
+        note_slot_written(self.lora_a_stacked[0], index)
+
+    reset_lora._lorafleet = True  # type: ignore[attr-defined]
+    BaseLinearLayerWithLoRA.reset_lora = reset_lora  # type: ignore[method-assign]
 
 
 def is_registered() -> bool:
-    """True when vLLM's CPU Punica wrapper calls our ops."""
+    """True when vLLM's CPU platform uses our wrapper and ops."""
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+    from vllm.platforms.cpu import CpuPlatform
 
-    return punica_cpu.bgmv_shrink is ops.bgmv_shrink
+    return (punica_cpu.bgmv_shrink is ops.bgmv_shrink
+            and CpuPlatform.get_punica_wrapper() == WRAPPER_QUALNAME)

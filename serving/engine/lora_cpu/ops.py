@@ -166,3 +166,19 @@ def sgmv_expand_slice(
     bgmv_expand_slice(
         inputs, lora_b_weights, output_tensor, indices, slice_offset, slice_size, add_inputs
     )
+
+
+def pristine_stock_ops():
+    """A fresh copy of vLLM's own ``lora_ops`` module, untouched by our plugin's patching.
+
+    Used by the op-level tests and ``lorafleet bench lora-ops`` to compare against stock.
+    """
+    import importlib.util
+
+    import vllm.lora.ops.torch_ops.lora_ops as patched
+
+    spec = importlib.util.spec_from_file_location("_lorafleet_stock_lora_ops", patched.__file__)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,9 +1,14 @@
-"""Regression test for vLLM 0.32's CPU LoRA bug, against a Hugging Face + PEFT reference.
+"""LoRAFleet's CPU LoRA path end to end, in a real vLLM engine, against Hugging Face + PEFT.
 
-In a mixed batch, a base-model row carries LoRA index -1; vLLM's torch ops used it as a
-Python index, applying the adapter of the *last* slot to base rows. With ``max_loras=2``
-and two adapters in the batch, the last slot is occupied, so the bug shows. Our plugin
-(``lorafleet.serving.engine.lora_cpu``) must make every row match HF+PEFT exactly.
+Three adapters of different ranks and targets (r4 q/v, r8 all seven projections, r16 MLP
+only) and the base model, in one batch, greedy:
+
+* every request's tokens equal HF+PEFT's, run concurrently (mixed batches: packed decode
+  steps, grouped prefill) and run alone (one slot per step);
+* so concurrent == alone, and vLLM's ``-1`` index bug is gone: in a mixed batch a base-model
+  row carries LoRA index -1, which vLLM's stock torch ops use as a Python index, applying the
+  *last* slot's adapter to base rows. With ``max_loras=3`` and three adapters the last slot is
+  occupied, so the stock run shows the bug (second test).
 """
 
 from __future__ import annotations
@@ -34,20 +39,21 @@ def _prompts(vocab: int) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def two_adapters(adapter_dirs: dict[str, Path]) -> dict[str, Path]:
-    return {k: adapter_dirs[k] for k in ("ad-r4-qv", "ad-r8-all")}
+def three_adapters(adapter_dirs: dict[str, Path]) -> dict[str, Path]:
+    return {k: adapter_dirs[k] for k in ("ad-r4-qv", "ad-r8-all", "ad-r16-mlp")}
 
 
 @pytest.fixture(scope="module")
-def hf_reference(tiny_model: Path, two_adapters: dict[str, Path]) -> dict[tuple[str, int], list[int]]:
+def hf_reference(tiny_model: Path, three_adapters: dict[str, Path]) -> dict[tuple[str, int], list[int]]:
     """Greedy continuations from transformers + PEFT: (model, prompt index) -> new token ids."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32)
-    names = list(two_adapters)
-    model = PeftModel.from_pretrained(base, str(two_adapters[names[0]]), adapter_name=names[0])
-    model.load_adapter(str(two_adapters[names[1]]), adapter_name=names[1])
+    names = list(three_adapters)
+    model = PeftModel.from_pretrained(base, str(three_adapters[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(three_adapters[name]), adapter_name=name)
     model.eval()
     out: dict[tuple[str, int], list[int]] = {}
 
@@ -69,13 +75,14 @@ def hf_reference(tiny_model: Path, two_adapters: dict[str, Path]) -> dict[tuple[
     return out
 
 
-async def _mixed_batch(model_dir: Path, adapters: dict[str, Path], vocab: int,
-                       stock_ops: bool) -> dict[tuple[str, int], list[int]]:
+async def _generate(model_dir: Path, adapters: dict[str, Path], vocab: int, stock_ops: bool,
+                    alone: bool = False) -> dict[tuple[str, int], list[int]]:
+    """Every (model, prompt) greedily: all at once (mixed batches) or one at a time."""
     previous = os.environ.get("LORAFLEET_STOCK_LORA_OPS")
     os.environ["LORAFLEET_STOCK_LORA_OPS"] = "1" if stock_ops else "0"
     engine = VLLMEngine(EngineConfig(
         model_dir=str(model_dir), served_model_name=TINY_MODEL_NAME, dtype="float32",
-        max_model_len=256, max_loras=2, max_lora_rank=16, max_cpu_loras=4,
+        max_model_len=256, max_loras=3, max_lora_rank=16, max_cpu_loras=4,
         kv_cache_bytes=32 * 2**20,
     ), replica_id="stock" if stock_ops else "fixed")
     try:
@@ -93,8 +100,10 @@ async def _mixed_batch(model_dir: Path, adapters: dict[str, Path], vocab: int,
 
         for ref in refs.values():
             await engine.load_adapter(ref)
-        jobs = [run(n, i, ids) for i, ids in enumerate(_prompts(vocab)) for n in ("base", *adapters)]
-        return dict(await asyncio.gather(*jobs))
+        jobs = [(n, i, ids) for i, ids in enumerate(_prompts(vocab)) for n in ("base", *adapters)]
+        if alone:
+            return dict([await run(*job) for job in jobs])
+        return dict(await asyncio.gather(*(run(*job) for job in jobs)))
     finally:
         await engine.shutdown()
         if previous is None:
@@ -103,16 +112,23 @@ async def _mixed_batch(model_dir: Path, adapters: dict[str, Path], vocab: int,
             os.environ["LORAFLEET_STOCK_LORA_OPS"] = previous
 
 
-async def test_mixed_batch_matches_hf_peft_with_our_ops(tiny_model, two_adapters, hf_reference):
+async def test_mixed_batch_and_alone_match_hf_peft_with_our_path(tiny_model, three_adapters,
+                                                                hf_reference):
     vocab = hf_reference[("vocab", 0)][0]
-    got = await _mixed_batch(tiny_model, two_adapters, vocab, stock_ops=False)
-    mismatches = {k: (v, hf_reference[k]) for k, v in got.items() if v != hf_reference[k]}
-    assert not mismatches, mismatches
+    together = await _generate(tiny_model, three_adapters, vocab, stock_ops=False)
+    alone = await _generate(tiny_model, three_adapters, vocab, stock_ops=False, alone=True)
+    for label, got in (("concurrent", together), ("alone", alone)):
+        mismatches = {k: (v, hf_reference[k]) for k, v in got.items() if v != hf_reference[k]}
+        assert not mismatches, (label, mismatches)
+    assert together == alone
+    # The adapters do change the output (else the comparison above proves little).
+    for i in range(PROMPTS):
+        assert len({tuple(together[(n, i)]) for n in ("base", *three_adapters)}) > 1
 
 
-async def test_stock_ops_corrupt_base_rows(tiny_model, two_adapters, hf_reference):
+async def test_stock_ops_corrupt_base_rows(tiny_model, three_adapters, hf_reference):
     """Documents the upstream bug on the pinned vLLM: base rows drift from the reference."""
     vocab = hf_reference[("vocab", 0)][0]
-    got = await _mixed_batch(tiny_model, two_adapters, vocab, stock_ops=True)
+    got = await _generate(tiny_model, three_adapters, vocab, stock_ops=True)
     base_ok = sum(got[("base", i)] == hf_reference[("base", i)] for i in range(PROMPTS))
     assert base_ok < PROMPTS, "stock vLLM no longer shows the -1 index bug: drop the plugin's fix?"

@@ -27,7 +27,7 @@ def _flags(cmd: list[str]) -> dict[str, str]:
 def test_both_systems_get_the_same_engine_knobs(tmp_path: Path) -> None:
     common = dict(
         model_dir=tmp_path / "m", served_model_name="M", max_loras=8, max_lora_rank=8,
-        max_cpu_loras=32, max_model_len=1024, kv_cache_gib=2, max_num_seqs=48,
+        max_cpu_loras=32, max_model_len=1024, kv_cache_gib=2, max_num_seqs=48, reserved_cpus=1,
     )
     vcmd, venv = servers.vllm_command(servers.VLLMOptions(adapters={}, **common), 1)
     lcmd, lenv = servers.lorafleet_command(
