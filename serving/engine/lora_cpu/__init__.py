@@ -7,8 +7,8 @@ vLLM calls every ``vllm.general_plugins`` entry point in every process it starts
   (per-step plan, rank-trimmed weights, grouped GEMMs for prefill, packed GEMMs for decode);
 * swaps the op functions the stock wrapper still uses (embeddings, logits, sharded layers)
   for the index-safe ones in ``ops`` (a ``-1`` row never picks up the last slot);
-* wraps ``BaseLinearLayerWithLoRA.reset_lora`` (the first step of every slot write) to note
-  which slot changed, so the wrapper re-trims just that slot (``packing``).
+* wraps the linear and LM-head layers' ``reset_lora`` (the first step of every slot write)
+  to note which slot changed, so the wrapper re-trims just that slot (``packing``).
 
 Nothing changes off the CPU path: the CUDA platform names its own (Triton) wrapper.
 Set ``LORAFLEET_STOCK_LORA_OPS=1`` to keep vLLM's own wrapper and ops, bug included
@@ -20,6 +20,7 @@ Design and figures: docs/lora-cpu.md.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from . import ops
 
@@ -50,19 +51,22 @@ def register() -> None:
 
 def _note_slot_writes() -> None:
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
 
     from .packing import note_slot_written
 
-    original = BaseLinearLayerWithLoRA.reset_lora
-    if getattr(original, "_lorafleet", False):
-        return
+    for cls in (BaseLinearLayerWithLoRA, LogitsProcessorWithLoRA):
+        original = cls.reset_lora
+        if getattr(original, "_lorafleet", False):
+            continue
 
-    def reset_lora(self: BaseLinearLayerWithLoRA, index: int) -> None:
-        original(self, index)
-        note_slot_written(self.lora_a_stacked[0], index)
+        def reset_lora(self: Any, index: int, _original: Any = original) -> None:
+            _original(self, index)
+            a = self.lora_a_stacked
+            note_slot_written(a[0] if isinstance(a, tuple) else a, index)
 
-    reset_lora._lorafleet = True  # type: ignore[attr-defined]
-    BaseLinearLayerWithLoRA.reset_lora = reset_lora  # type: ignore[method-assign]
+        reset_lora._lorafleet = True  # type: ignore[attr-defined]
+        cls.reset_lora = reset_lora  # type: ignore[method-assign]
 
 
 def is_registered() -> bool:

@@ -184,3 +184,20 @@ def test_a_noted_slot_write_refreshes_only_that_slot() -> None:
     assert (w.packs.rebuilds, w.packs.refreshes) == (1, 1)
     assert pack.a_t[0] is untouched and [r[0] for r in pack.ranks] == [4, 2, MAX_RANK]
     torch.testing.assert_close(got, reference(torch.zeros(4, 8), x, a_st, b_st, torch.tensor(idx), 1.0, [8]))
+
+
+@pytest.mark.parametrize("targets_head", [True, False])
+def test_logits_use_the_sampler_rows(targets_head: bool) -> None:
+    """LM-head LoRA: rows are sampled tokens (``sampler_indices``), one slice as wide as the vocab."""
+    vocab, hidden = 40, 16
+    ranks = [[4], [8]] if targets_head else [[0], [0]]
+    (a,), (b,) = stacked(2, ranks, hidden, [vocab], torch.float32, 3)
+    w = PunicaWrapperFleetCPU(max_num_batched_tokens=64, max_batches=64, device="cpu")
+    # Prefill of two requests (3 and 2 tokens); each samples one token from its last row.
+    mapping = LoRAMapping(index_mapping=(1, 1, 1, 0, 0), prompt_mapping=(1, 0), is_prefill=True)
+    w.update_metadata(mapping, [1, 2], 2, vocab)
+    x = torch.randn(2, hidden)
+    y = torch.randn(2, vocab)
+    expect = reference(y, x, (a,), (b,), torch.tensor([0, -1]), 1.0, [vocab])
+    w.add_lora_logits(y, x, a, b, 1.0)
+    torch.testing.assert_close(y, expect)
