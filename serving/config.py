@@ -71,6 +71,24 @@ class EngineConfig(BaseModel):
         default=3.0, gt=0,
         description="tokenflow: only streams whose client buffer lasts longer than this may pause.",
     )
+    prefix_caching: bool = Field(
+        default=True, description="vLLM's automatic prefix caching (off: every resume must reload "
+        "or recompute; used by tests of the KV offload path).",
+    )
+    kv_offload_host_bytes: int = Field(
+        default=1 << 30, ge=0,
+        description="tokenflow: host-memory pool for paused requests' KV blocks, outside vLLM's "
+        "block pool (0 disables offload: paused requests are recomputed).",
+    )
+    kv_offload_disk_dir: str | None = Field(
+        default=None, description="tokenflow: where KV evicted from the host pool spills (none: dropped).",
+    )
+    kv_offload_disk_bytes: int = Field(
+        default=4 << 30, ge=0, description="tokenflow: capacity of the disk tier.",
+    )
+    kv_offload_stats_path: str | None = Field(
+        default=None, description="tokenflow: JSON file the offload counters are written to.",
+    )
 
 
 class ServeSettings(BaseSettings):

@@ -40,7 +40,25 @@ def _scheduling_args(config: EngineConfig) -> dict[str, Any]:
     from ..scheduling.vllm_scheduler import CONFIG_KEY, SCHEDULER_CLS, check_vllm_version
 
     check_vllm_version()
+    offload: dict[str, Any] = {}
+    if config.kv_offload_host_bytes > 0:
+        from vllm.config import KVTransferConfig
+
+        from ..kvcache.connector import CONNECTOR_NAME
+
+        offload["kv_transfer_config"] = KVTransferConfig(
+            kv_connector=CONNECTOR_NAME,
+            kv_connector_module_path="lorafleet.serving.kvcache.connector",
+            kv_role="kv_both",
+            kv_connector_extra_config={
+                "host_bytes": config.kv_offload_host_bytes,
+                "disk_dir": config.kv_offload_disk_dir,
+                "disk_bytes": config.kv_offload_disk_bytes,
+                "stats_path": config.kv_offload_stats_path,
+            },
+        )
     return {
+        **offload,
         "scheduler_cls": SCHEDULER_CLS,
         "additional_config": {CONFIG_KEY: {
             "policy": config.scheduling_policy,
@@ -83,6 +101,7 @@ class VLLMEngine:
             max_cpu_loras=c.max_cpu_loras,
             kv_cache_memory_bytes=c.kv_cache_bytes,
             block_size=c.block_size,
+            enable_prefix_caching=c.prefix_caching,
             seed=c.seed,
             disable_log_stats=False,
             enable_log_requests=False,

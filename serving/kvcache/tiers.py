@@ -171,3 +171,9 @@ class TieredStore:
                 break
             n += 1
         return n
+
+    def discard(self, key: str) -> None:
+        """Drop ``key`` from every tier (a finished request's blocks)."""
+        self.host.discard(key)
+        if self.disk is not None:
+            self.disk.discard(key)

@@ -91,7 +91,13 @@ class TokenFlowScheduler(Scheduler):
 
     def schedule(self, throttle_prefills: bool = False) -> Any:
         self._apply_plan()
-        return super().schedule(throttle_prefills)
+        saves = bool(getattr(self.connector, "has_pending_saves", lambda: False)())
+        out = super().schedule(throttle_prefills)
+        if saves:
+            # The worker runs a connector's transfers after the forward pass unless a load
+            # must precede it; our saves must too (a freed block may be reused this step).
+            out.has_sync_kv_loads = True
+        return out
 
     def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
         out = super().update_from_output(scheduler_output, model_runner_output)
@@ -184,6 +190,9 @@ class TokenFlowScheduler(Scheduler):
             if req is None or not self._request_blocks_can_be_freed(req):
                 continue
             self.running.remove(req)
+            offload = getattr(self.connector, "offload_on_pause", None)
+            if offload is not None:  # our KV connector: copy the blocks out before vLLM frees them
+                offload(req, self.kv_cache_manager.get_block_ids(req.request_id)[0])
             self._preempt_request(req, stamp)  # prepends it to self.waiting
             self.waiting.remove_request(req)
             pool[req.request_id] = req

@@ -1,7 +1,8 @@
 """Faults under the real server (Ray Serve, two vLLM replicas, SmolLM2, Redis registry).
 
-In order, on one server: many clients vanishing mid-stream at once; Redis stopped and
-started again under load; one engine replica's vLLM engine core killed mid-stream. Each test
+In order, on one server: many clients vanishing mid-stream at once; slowloris connections and
+clients that stop reading; thousands of tiny streaming requests; Redis stopped and started
+again under load; one engine replica's vLLM engine core killed mid-stream. Each test
 prints what it measured (``pytest -s``).
 """
 
@@ -104,6 +105,95 @@ async def test_many_clients_disconnect_mid_stream_at_once(fault_server: Server) 
     async with httpx.AsyncClient(timeout=300) as http:
         after = await read_stream(http, fault_server, "alice", "pirate", 4)
     assert after["done"] and after["error"] is None
+
+
+async def _timed_stream(http: httpx.AsyncClient, server: Server) -> float:
+    """Seconds for a short streaming request from alice's pirate adapter, checked complete."""
+    t0 = time.monotonic()
+    out = await read_stream(http, server, "alice", "pirate", 4)
+    assert out["status"] == 200 and out["done"] and out["error"] is None, out
+    return time.monotonic() - t0
+
+
+async def test_slowloris_and_stalled_readers_do_not_starve_others(fault_server: Server) -> None:
+    """300 connections trickling a request's headers a byte at a time, and 16 streams whose
+    clients never read, while a normal client keeps being served; then all are let go."""
+    host, port = fault_server.base_url.removeprefix("http://").split(":")
+    slow: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    for _ in range(300):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bea")
+        slow.append((reader, writer))
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=32)) as http:
+        baseline = await _timed_stream(http, fault_server)
+        stalled = []
+        for i in range(16):  # streams opened and never read: the server must not block on them
+            tenant, model = MODELS[i % len(MODELS)]
+            ctx = http.stream("POST", fault_server.base_url + "/v1/chat/completions",
+                              json=chat(model, 400), headers=fault_server.tenant(tenant))
+            resp = await ctx.__aenter__()
+            assert resp.status_code == 200
+            stalled.append(ctx)
+        during = []
+        for _ in range(5):
+            for _, writer in slow:
+                writer.write(b"r")  # one more byte per connection per round
+            during.append(await _timed_stream(http, fault_server))
+        for ctx in stalled:
+            await ctx.__aexit__(None, None, None)
+    open_slow = sum(not w.is_closing() and not r.at_eof() for r, w in slow)
+    for _, writer in slow:
+        writer.close()
+    deadline = time.monotonic() + 30
+    while await asyncio.to_thread(running, fault_server) > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert await asyncio.to_thread(running, fault_server) == 0
+    print(f"\nslowloris: 300 trickling connections ({open_slow} still open after the rounds) "
+          f"+ 16 unread streams: short stream {baseline:.2f} s alone, "
+          f"{max(during):.2f} s worst of {len(during)} during; unread streams aborted after")
+    assert max(during) < max(30.0, 10 * baseline)
+
+
+async def test_thousands_of_tiny_streaming_requests(fault_server: Server) -> None:
+    """2,000 one-token streams, 24 at a time per tenant, over adapters and the base model.
+
+    The demo quota (600 requests a minute per tenant as a token bucket of 600, 32 at once)
+    admits a tenant's first 600 at once and 10 a second after that: what goes over it must be
+    a clean 429 rate-limit error; everything admitted must stream to [DONE]."""
+    n, per_tenant = 2000, 24
+    plan = {"alice": ["pirate", "french", "SmolLM2-135M-Instruct"], "bob": ["json", "SmolLM2-135M-Instruct"]}
+    statuses: dict[str, dict[int, int]] = {t: {} for t in plan}
+    error_codes: set[str] = set()
+    incomplete = 0
+    sems = {t: asyncio.Semaphore(per_tenant) for t in plan}
+    limits = httpx.Limits(max_connections=2 * per_tenant + 4)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as http:
+
+        async def one(i: int) -> None:
+            nonlocal incomplete
+            tenant = "alice" if i % 2 else "bob"
+            model = plan[tenant][(i // 2) % len(plan[tenant])]
+            async with sems[tenant]:
+                out = await read_stream(http, fault_server, tenant, model, 1)
+            statuses[tenant][out["status"]] = statuses[tenant].get(out["status"], 0) + 1
+            if out["status"] == 200 and not (out["done"] and out["error"] is None):
+                incomplete += 1
+            if out["status"] != 200:  # anything else must be an OpenAI-shaped error
+                assert {"message", "type"} <= set(out["error"]), out
+                error_codes.add(f'{out["status"]} {out["error"]["type"]}')
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        wall = time.monotonic() - t0
+    print(f"\ntiny streams: {n} one-token streams, {per_tenant} at a time per tenant, in "
+          f"{wall:.1f} s ({n / wall:.1f} req/s); statuses {statuses}; incomplete {incomplete}")
+    assert incomplete == 0
+    assert error_codes <= {"429 rate_limit_error"}, (error_codes, statuses)
+    for tenant, got in statuses.items():
+        assert set(got) <= {200, 429}, got
+        admissible = min(n // 2, 600 + int(10 * wall))
+        assert got.get(200, 0) >= admissible - 2, (tenant, got, wall)
+    assert await asyncio.to_thread(running, fault_server) == 0
 
 
 def test_redis_stopped_and_restarted(fault_server: Server) -> None:

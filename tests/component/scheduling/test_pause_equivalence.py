@@ -105,3 +105,38 @@ async def test_greedy_output_is_identical_with_and_without_pauses(tiny_model, ad
             assert len(_interrupted(order)) >= 3, order
     assert all(len(t) == 24 for t in results["fcfs"].values())
     assert results["tokenflow"] == results["fcfs"]
+
+
+async def test_paused_requests_come_back_from_the_offload_tiers(tiny_model, adapters, tmp_path):
+    """Prefix caching off, so a resumed request's KV can only come from our connector's tiers
+    or be recomputed: with room in host memory every resume restores blocks; with a pool of
+    about one block (spilling nowhere) resumes fall back to recompute. Greedy text never changes."""
+    import json
+
+    reqs = _requests(adapters)
+    results, stats = {}, {}
+    block_bytes = 4 * 32 * 2 * 64 * 2  # one layer's block of the tiny model is ~32 KiB; 2 layers
+    for label, policy, host_bytes in (("fcfs", "fcfs", 0), ("offload", "tokenflow", 64 << 20),
+                                      ("evicting", "tokenflow", block_bytes)):
+        stats_path = tmp_path / f"{label}.json"
+        config = _config(tiny_model, policy).model_copy(update={
+            "prefix_caching": False, "kv_offload_host_bytes": host_bytes,
+            "kv_offload_stats_path": str(stats_path)})
+        engine = VLLMEngine(config)
+        await engine.start()
+        order: list[str] = []
+        try:
+            results[label] = await _run(engine, reqs, order)
+        finally:
+            await engine.shutdown()
+        if policy == "tokenflow":
+            assert len(_interrupted(order)) >= 3, order
+            stats[label] = json.loads(stats_path.read_text())
+    off, ev = stats["offload"], stats["evicting"]
+    print(f"\noffload: {off}\nevicting: {ev}")
+    for label in ("offload", "evicting"):
+        diff = {k: (v, results["fcfs"][k]) for k, v in results[label].items() if v != results["fcfs"][k]}
+        assert not diff, (label, diff)
+    assert off["offloaded_blocks"] > 0 and off["restored_blocks"] > 0 and off["restore_hits"] >= 3
+    assert off["bytes_in"] > 0 and off["bytes_out"] >= off["bytes_in"]
+    assert ev["offloaded_blocks"] > 0 and ev["restored_blocks"] < off["restored_blocks"]
