@@ -53,6 +53,11 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--scheduling-max-running", type=int, default=None,
                    help="tokenflow: batch slots filled before long buffers pause "
                    "(default: --max-num-seqs).")
+    p.add_argument("--kv-offload-gib", type=float, default=1.0,
+                   help="tokenflow: host pool for paused requests' KV, outside vLLM's cache "
+                   "(0: paused requests are recomputed).")
+    p.add_argument("--kv-offload-disk-dir", default=None,
+                   help="tokenflow: spill KV evicted from the host pool here.")
     p.set_defaults(func=cmd_serve)
 
 
@@ -100,6 +105,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         scheduling_policy=args.scheduling_policy,
         default_consumption_rate=args.default_consumption_rate,
         scheduling_max_running=args.scheduling_max_running,
+        kv_offload_host_bytes=int(args.kv_offload_gib * 2**30),
+        kv_offload_disk_dir=args.kv_offload_disk_dir,
     )
     keys: dict[str, str] = {}
     if demo:
