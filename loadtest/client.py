@@ -26,9 +26,11 @@ MAX_CHUNKS = 100_000  # bound on SSE events read from one response
 
 
 def build_body(
-    req: PlannedRequest, endpoint: str, *, temperature: float, ignore_eos: bool
+    req: PlannedRequest, endpoint: str, *, temperature: float, ignore_eos: bool,
+    declare_reader_rate: bool = False,
 ) -> dict[str, Any]:
-    """The JSON body of an OpenAI chat or completions request."""
+    """The JSON body of an OpenAI chat or completions request (plus, when asked, LoRAFleet's
+    ``consumption_rate`` extension carrying the simulated reader's speed)."""
     body: dict[str, Any] = {
         "model": req.model,
         "max_tokens": req.max_tokens,
@@ -39,6 +41,8 @@ def build_body(
         body["stream_options"] = {"include_usage": True}
     if ignore_eos:
         body["ignore_eos"] = True
+    if declare_reader_rate and req.stream:
+        body["lorafleet"] = {"consumption_rate": round(req.reader_rate, 3)}
     if endpoint == "chat":
         body["messages"] = [{"role": "user", "content": req.prompt}]
     else:
@@ -74,6 +78,7 @@ async def send(
     endpoint: str = "chat",
     temperature: float = 0.0,
     ignore_eos: bool = False,
+    declare_reader_rate: bool = False,
     run_start: float,
     timeout_s: float,
     clock: Callable[[], float] = time.perf_counter,
@@ -81,7 +86,8 @@ async def send(
     """Send one request; record token arrivals, usage, status and errors."""
     path = "/chat/completions" if endpoint == "chat" else "/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    body = build_body(req, endpoint, temperature=temperature, ignore_eos=ignore_eos)
+    body = build_body(req, endpoint, temperature=temperature, ignore_eos=ignore_eos,
+                      declare_reader_rate=declare_reader_rate)
     start = clock()
     state: dict[str, Any] = {"times": [], "chunks": 0, "usage": None, "status": None}
 

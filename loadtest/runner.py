@@ -105,6 +105,7 @@ async def run_plan(
                     endpoint=workload.endpoint,
                     temperature=workload.temperature,
                     ignore_eos=workload.ignore_eos,
+                    declare_reader_rate=workload.declare_reader_rate,
                     run_start=run_start,
                     timeout_s=workload.request_timeout_s,
                     clock=clock,

@@ -223,6 +223,11 @@ class Workload(_Model):
         default_factory=lambda: LogNormal(dist="lognormal", median=6.0, sigma=0.25, min=2, max=20),
         description="Simulated reader speed in tokens/s (human reading is ~4-8).",
     )
+    declare_reader_rate: bool = Field(
+        default=False,
+        description="Send each streaming request's reader speed to the server as LoRAFleet's "
+        "`lorafleet.consumption_rate` extension (for servers that schedule by it).",
+    )
     slo: SLOSpec = Field(default_factory=SLOSpec, description="Latency targets.")
 
     @model_validator(mode="after")

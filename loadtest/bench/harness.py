@@ -86,7 +86,11 @@ def _run_phases(
     phases: dict[str, Any] = {}
     for phase in sc.phases:
         console.rule(f"{system}: {sc.name}/{phase.name}")
-        doc = run_workload(phase.workload, target, keys, console=console,
+        # Streams tell LoRAFleet how fast their reader is (its scheduling extension); stock
+        # vLLM gets the same requests without the extension.
+        workload = phase.workload.model_copy(
+            update={"declare_reader_rate": system.startswith("lorafleet")})
+        doc = run_workload(workload, target, keys, console=console,
                            meta={"system": system, "phase": phase.name})
         s = doc["summary"]
         console.print(

@@ -53,3 +53,18 @@ def test_floor_counts_each_active_adapter_once() -> None:
 def test_case_row_layouts() -> None:
     assert lora_ops._indices(lora_ops.Case("decode", 6, 3)) == [0, 1, 2, 0, 1, 2]
     assert lora_ops._indices(lora_ops.Case("prefill", 6, 3)) == [0, 0, 1, 1, 2, 2]
+
+
+def test_reader_rate_is_declared_only_when_asked_and_only_for_streams() -> None:
+    from lorafleet.loadtest.client import build_body
+    from lorafleet.loadtest.workload import PlannedRequest
+
+    req = PlannedRequest(0, 0.0, "t", "m", "hi", 8, True, 2.71828)
+    assert "lorafleet" not in build_body(req, "chat", temperature=0.0, ignore_eos=False)
+    body = build_body(req, "chat", temperature=0.0, ignore_eos=False, declare_reader_rate=True)
+    assert body["lorafleet"] == {"consumption_rate": 2.718}
+    unstreamed = PlannedRequest(0, 0.0, "t", "m", "hi", 8, False, 3.0)
+    assert "lorafleet" not in build_body(unstreamed, "completions", temperature=0.0,
+                                         ignore_eos=False, declare_reader_rate=True)
+    burst = get_scenario("burst", quick=True).phases[0].workload
+    assert burst.reader_rate.median == 3.0 and not burst.declare_reader_rate
