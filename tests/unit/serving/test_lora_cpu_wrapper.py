@@ -155,10 +155,12 @@ def test_plugin_points_vllms_cpu_platform_at_our_wrapper(monkeypatch) -> None:
 
     import lorafleet.serving.engine.lora_cpu as plugin
 
-    monkeypatch.setattr(CpuPlatform, "get_punica_wrapper", CpuPlatform.get_punica_wrapper)
+    stock = "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
+    # vLLM may already have run the plugin in this process: start from the stock answer.
+    monkeypatch.setattr(CpuPlatform, "get_punica_wrapper", classmethod(lambda cls: stock))
     monkeypatch.setenv("LORAFLEET_STOCK_LORA_OPS", "1")
     plugin.register()  # the switch: stock stays stock
-    assert CpuPlatform.get_punica_wrapper() == "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
+    assert CpuPlatform.get_punica_wrapper() == stock
     monkeypatch.setenv("LORAFLEET_STOCK_LORA_OPS", "0")
     plugin.register()
     assert plugin.is_registered()
