@@ -120,6 +120,7 @@ def run_system(
                 adapters={n: warm_dir / n for n in sc.adapters},
                 max_loras=sc.max_loras, max_lora_rank=max_lora_rank(sc),
                 max_cpu_loras=sc.max_cpu_loras, reserved_cpus=reserved_cpus,
+                max_num_seqs=sc.max_num_seqs,
                 resolver_dir=servers.resolver_view(
                     cold_dir, sc.cold_adapters, model_dir, out_dir / "vllm-resolver"
                 ) if sc.cold_adapters else None,
@@ -135,6 +136,7 @@ def run_system(
             model_dir=model_dir, served_model_name=MODEL, data_dir=out_dir / f"{system}-data",
             admin_key=admin_key, max_loras=sc.max_loras, max_lora_rank=max_lora_rank(sc),
             max_cpu_loras=sc.max_cpu_loras, reserved_cpus=reserved_cpus,
+            max_num_seqs=sc.max_num_seqs,
             scheduling_policy="tokenflow" if system == "lorafleet-tokenflow" else "fcfs",
             stock_lora_ops=system == "lorafleet-stockops",
         )

@@ -44,6 +44,8 @@ class Scenario:
     """Adapters made available only on demand (not preloaded)."""
     max_loras: int = 8
     max_cpu_loras: int = 32
+    max_num_seqs: int = 64
+    """Batch slots of every system (vLLM's ``--max-num-seqs``, the same for all)."""
     mixed_adapters: bool = False
     """Adapters of mixed ranks and targets (:data:`MIXED_SHAPES`) instead of uniform rank 8."""
     headline: tuple[str, ...] = field(default=("output tok/s", "TTFT p50 s", "TPOT p50 s"))
@@ -116,7 +118,9 @@ def burst(quick: bool) -> Scenario:
 
     Readers take ~3 tokens/s (a person reading), slower than the engine streams to each
     client at this load, so running streams build up buffers: what TokenFlow can pause for
-    the burst's newcomers (their first token is what they wait for)."""
+    the burst's newcomers (their first token is what they wait for). Every system's batch
+    is capped at 8 sequences, as KV memory caps a GPU server's batch: without a cap nothing
+    ever waits on our CPU and no scheduler can make a difference."""
     duration, period, lo, hi = (30, 15, 48, 96) if quick else (60, 20, 96, 160)
     wl = _workload(
         name="burst",
@@ -140,6 +144,7 @@ def burst(quick: bool) -> Scenario:
         description="Poisson 0.4 req/s with bursts of 6 req/s for 2 s; readers ~3 tok/s",
         adapters=adapter_names(2),
         phases=(Phase("burst", wl),),
+        max_num_seqs=8,
         headline=("TTFT p99 s", "effective tok/s", "stall s total", "stalled requests",
                   "SLO attainment", "output tok/s"),
     )
