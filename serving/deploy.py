@@ -140,7 +140,7 @@ def engine_deployment(
         async def metrics_text(self) -> str:
             from .metrics import engine_metrics_text
 
-            return engine_metrics_text(self.engine.replica_id)
+            return engine_metrics_text(self.engine.replica_id, self.engine.core_metrics_text())
 
         async def check_health(self) -> None:
             await self.engine.llm.check_health()

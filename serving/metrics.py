@@ -106,19 +106,29 @@ class ServingMetrics:
         return generate_latest(self.registry)
 
 
-def engine_metrics_text(replica_id: str) -> str:
-    """vLLM's own metrics in this process, each sample labelled with ``replica``."""
+def engine_metrics_text(replica_id: str, core_text: str = "") -> str:
+    """vLLM's own metrics in this process, plus ``core_text`` (the engine-core process's
+    ``lorafleet_*`` exposition, see ``scheduling/metrics.py``), each sample labelled with
+    ``replica``."""
     from prometheus_client import REGISTRY
 
     text = generate_latest(REGISTRY).decode()
+    return (label_samples(text, ("vllm:",), replica_id)
+            + label_samples(core_text, ("lorafleet_",), replica_id))
+
+
+def label_samples(text: str, prefixes: tuple[str, ...], replica_id: str) -> str:
+    """The families of ``text`` whose names start with ``prefixes``, every sample with a
+    ``replica`` label added."""
     out: list[str] = []
     for line in text.splitlines():
-        if not line.startswith(("vllm:", "# HELP vllm:", "# TYPE vllm:")):
-            continue
         if line.startswith("#"):
-            out.append(line)
+            if line.removeprefix("# HELP ").removeprefix("# TYPE ").startswith(prefixes):
+                out.append(line)
             continue
-        name, _, rest = line.partition(" ")
+        if not line.startswith(prefixes):
+            continue
+        name, _, rest = line.rpartition(" ")
         label = f'replica="{replica_id}"'
         if name.endswith("}"):
             name = name[:-1] + ("," if not name.endswith("{}") else "") + label + "}"

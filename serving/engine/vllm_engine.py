@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import tempfile
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from ..config import EngineConfig
@@ -33,8 +35,9 @@ def _apply_vllm_environment(config: EngineConfig) -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
-def _scheduling_args(config: EngineConfig) -> dict[str, Any]:
-    """Engine args that plug LoRAFleet's scheduler in (none for stock fcfs)."""
+def _scheduling_args(config: EngineConfig, metrics_path: str | None = None) -> dict[str, Any]:
+    """Engine args that plug LoRAFleet's scheduler in (none for stock fcfs). The engine core
+    writes its ``lorafleet_*`` metrics to ``metrics_path`` (it is another process)."""
     if config.scheduling_policy == "fcfs":
         return {}
     from ..scheduling.vllm_scheduler import CONFIG_KEY, SCHEDULER_CLS, check_vllm_version
@@ -65,6 +68,7 @@ def _scheduling_args(config: EngineConfig) -> dict[str, Any]:
             "max_running": config.scheduling_max_running,
             "default_consumption_rate": config.default_consumption_rate,
             "params": {"pause_min_buffer_s": config.scheduling_pause_min_buffer_s},
+            "metrics_path": metrics_path,
         }},
     }
 
@@ -81,6 +85,15 @@ class VLLMEngine:
         # and an eviction never races a load. Generation itself never holds it.
         self._adapter_lock = asyncio.Lock()
         self._in_flight = 0
+        self._core_metrics_path = Path(tempfile.gettempdir()) / (
+            f"lorafleet-core-metrics-{os.getpid()}-{id(self):x}.prom")
+
+    def core_metrics_text(self) -> str:
+        """The engine-core process's ``lorafleet_*`` exposition (tokenflow only), or ""."""
+        try:
+            return self._core_metrics_path.read_text()
+        except OSError:
+            return ""
 
     async def start(self) -> None:
         _apply_vllm_environment(self.config)
@@ -105,7 +118,7 @@ class VLLMEngine:
             seed=c.seed,
             disable_log_stats=False,
             enable_log_requests=False,
-            **_scheduling_args(c),
+            **_scheduling_args(c, str(self._core_metrics_path)),
         )
         self._llm = AsyncLLM.from_engine_args(args)
 
@@ -235,3 +248,4 @@ class VLLMEngine:
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
+        self._core_metrics_path.unlink(missing_ok=True)

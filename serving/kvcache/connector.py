@@ -118,6 +118,18 @@ class BlockStore:
                 self.tiers.discard(self.key(request_id, i))
 
 
+_metrics: Any = None
+
+
+def _offload_metrics() -> Any:
+    global _metrics
+    if _metrics is None:
+        from ..scheduling.metrics import OffloadMetrics
+
+        _metrics = OffloadMetrics()
+    return _metrics
+
+
 _stores: dict[str, BlockStore] = {}
 _stores_lock = threading.Lock()
 
@@ -194,6 +206,7 @@ class PauseOffloadConnector(KVConnectorBase_V1):
         if usable <= num_computed_tokens:
             if held == 0:
                 self.store.stats.restore_misses += 1
+                _offload_metrics().resumes.labels("recomputed").inc()
                 self.store.publish()
             return 0, False
         return usable - num_computed_tokens, False
@@ -245,16 +258,19 @@ class PauseOffloadConnector(KVConnectorBase_V1):
         layers = self._layers()
         store = self.store
         for t in meta.saves:  # saves first: a freed block may be someone's new block this step
-            written = 0
+            written = moved = 0
             with store.lock:
                 for i, block in enumerate(t.block_ids):
                     blob = torch.stack([layer[block] for layer in layers]).contiguous()
                     data = blob.numpy().tobytes()
                     store.tiers.put(store.key(t.request_id, t.first_index + i), data)
-                    store.stats.bytes_out += len(data)
+                    moved += len(data)
                     written += 1
                 store.saved_blocks[t.request_id] = t.first_index + written
             store.stats.offloaded_blocks += written
+            store.stats.bytes_out += moved
+            _offload_metrics().blocks.labels("out").inc(written)
+            _offload_metrics().bytes.labels("out").inc(moved)
         for t in meta.loads:
             restored = 0
             for block, data in zip(t.block_ids, t.data, strict=True):
@@ -266,6 +282,9 @@ class PauseOffloadConnector(KVConnectorBase_V1):
                 restored += 1
             store.stats.restored_blocks += restored
             store.stats.restore_hits += 1
+            _offload_metrics().blocks.labels("in").inc(restored)
+            _offload_metrics().bytes.labels("in").inc(sum(len(d) for d in t.data))
+            _offload_metrics().resumes.labels("restored").inc()
         store.publish()
 
     def wait_for_layer_load(self, layer_name: str) -> None:

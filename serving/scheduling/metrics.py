@@ -1,14 +1,21 @@
-"""Prometheus metrics of the scheduler (``lorafleet_scheduler_*``), in the engine process.
+"""Prometheus metrics of the engine-core process: the scheduler (``lorafleet_scheduler_*``)
+and the KV offload connector (``lorafleet_kv_offload_*``).
 
-Boundary: metric objects only; the registry is injected (tests pass their own). vLLM's engine
-core runs the scheduler; with ``multiprocessing`` it is a subprocess, so these series live in
-that process's registry (exported by whatever serves that process's metrics), not in the
-ingress's ``/metrics``.
+Boundary: metric objects, and :func:`export_text` which writes them to a file. vLLM's engine
+core runs the scheduler and the connector in a subprocess of the replica (AsyncLLM always
+starts one), so these series live in that process's registry; the scheduler writes them to a
+file about once a second and the replica serves that file, labelled with the replica, in the
+ingress's ``/metrics`` (``serving/metrics.py``).
 """
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+import os
+from pathlib import Path
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+
+PREFIXES = ("lorafleet_scheduler_", "lorafleet_kv_offload_")
 
 _RESUME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -33,3 +40,32 @@ class SchedulerMetrics:
             "recomputed) and it decodes again.",
             buckets=_RESUME_BUCKETS, registry=r,
         )
+
+
+class OffloadMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = registry if registry is not None else REGISTRY
+        self.blocks = Counter(
+            "lorafleet_kv_offload_blocks_total",
+            "KV blocks copied out of vLLM's cache (out) and back into it (in).",
+            ["direction"], registry=r,
+        )
+        self.bytes = Counter(
+            "lorafleet_kv_offload_bytes_total", "Bytes of KV moved, by direction.",
+            ["direction"], registry=r,
+        )
+        self.resumes = Counter(
+            "lorafleet_kv_offload_resumes_total",
+            "Resumes of offloaded requests: restored from the tiers, or recomputed (evicted).",
+            ["result"], registry=r,
+        )
+
+
+def export_text(path: Path, registry: CollectorRegistry | None = None) -> None:
+    """Write this process's ``lorafleet_scheduler_*``/``lorafleet_kv_offload_*`` exposition."""
+    text = generate_latest(registry if registry is not None else REGISTRY).decode()
+    keep = [line for line in text.splitlines()
+            if line.removeprefix("# HELP ").removeprefix("# TYPE ").startswith(PREFIXES)]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(keep) + "\n")
+    os.replace(tmp, path)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import vllm
@@ -27,7 +28,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
 from .errors import UnsupportedVLLMVersion
-from .metrics import SchedulerMetrics
+from .metrics import SchedulerMetrics, export_text
 from .model import Action, Capacity, RequestState, RequestView, TokenFlowParams
 from .policy import make_policy
 
@@ -86,6 +87,9 @@ class TokenFlowScheduler(Scheduler):
         self._first_token_at: dict[str, float] = {}
         self._resumed_at: dict[str, float] = {}
         self.metrics = _shared_metrics()
+        self._metrics_path = Path(cfg["metrics_path"]) if cfg.get("metrics_path") else None
+        self._exported_at = 0.0
+        self._dirty = False  # a pause or resume since the last export
 
     # -- vLLM hooks -------------------------------------------------------------------
 
@@ -110,7 +114,20 @@ class TokenFlowScheduler(Scheduler):
             if started is not None and req.num_computed_tokens >= req.num_tokens - 1:
                 self.metrics.resume_latency.observe(now - started)
                 del self._resumed_at[rid]
+        if self._dirty or now - self._exported_at >= 1.0:
+            self._export(now)
         return out
+
+    def shutdown(self) -> None:
+        self._export(self._clock())
+        super().shutdown()
+
+    def _export(self, now: float) -> None:
+        """Write this process's lorafleet_* series for the replica to serve (~1/s)."""
+        if self._metrics_path is not None:
+            self._exported_at = now
+            self._dirty = False
+            export_text(self._metrics_path)
 
     def get_request_counts(self) -> tuple[int, int]:
         running, waiting = super().get_request_counts()
@@ -199,12 +216,14 @@ class TokenFlowScheduler(Scheduler):
             self._paused_since[req.request_id] = now
             self._num_pauses[req.request_id] = self._num_pauses.get(req.request_id, 0) + 1
             self.metrics.pauses.inc()
+            self._dirty = True
 
         start = [pool[rid] for rid in plan.to_start if rid in pool]
         for req in start:
             if self._parked.pop(req.request_id, None) is not None and req.request_id in self._paused_since:
                 self._resumed_at[req.request_id] = now
                 self.metrics.resumes.inc()
+                self._dirty = True
             self._paused_since.pop(req.request_id, None)
         started = {r.request_id for r in start}
         for rid, req in pool.items():

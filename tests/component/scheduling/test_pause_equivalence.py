@@ -127,11 +127,15 @@ async def test_paused_requests_come_back_from_the_offload_tiers(tiny_model, adap
         order: list[str] = []
         try:
             results[label] = await _run(engine, reqs, order)
+            core = engine.core_metrics_text()
         finally:
             await engine.shutdown()
         if policy == "tokenflow":
             assert len(_interrupted(order)) >= 3, order
             stats[label] = json.loads(stats_path.read_text())
+            # The engine core's lorafleet_* series reach this process (written ~once a second).
+            assert "lorafleet_scheduler_pauses_total" in core, core
+            assert "lorafleet_kv_offload_blocks_total" in core
     off, ev = stats["offload"], stats["evicting"]
     print(f"\noffload: {off}\nevicting: {ev}")
     for label in ("offload", "evicting"):
