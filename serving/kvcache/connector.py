@@ -148,11 +148,6 @@ def store_for(engine_id: str, extra: dict[str, Any], block_size: int) -> BlockSt
         return found
 
 
-def stats_for(engine_id: str) -> OffloadStats | None:
-    store = _stores.get(engine_id)
-    return store.stats if store else None
-
-
 @dataclass
 class Transfer:
     request_id: str
