@@ -86,9 +86,6 @@ class EngineConfig(BaseModel):
     kv_offload_disk_bytes: int = Field(
         default=4 << 30, ge=0, description="tokenflow: capacity of the disk tier.",
     )
-    kv_offload_stats_path: str | None = Field(
-        default=None, description="tokenflow: JSON file the offload counters are written to.",
-    )
 
 
 class ServeSettings(BaseSettings):

@@ -57,7 +57,6 @@ def _scheduling_args(config: EngineConfig, metrics_path: str | None = None) -> d
                 "host_bytes": config.kv_offload_host_bytes,
                 "disk_dir": config.kv_offload_disk_dir,
                 "disk_bytes": config.kv_offload_disk_bytes,
-                "stats_path": config.kv_offload_stats_path,
             },
         )
     return {

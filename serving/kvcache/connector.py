@@ -37,10 +37,7 @@ Plugged in with ``kv_transfer_config={"kv_connector": "PauseOffloadConnector",
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,20 +66,6 @@ CONNECTOR_NAME = "PauseOffloadConnector"
 
 
 @dataclass
-class OffloadStats:
-    """Counters since the engine started (read by the scheduler's metrics and by tests)."""
-
-    offloaded_blocks: int = 0
-    restored_blocks: int = 0
-    bytes_out: int = 0
-    bytes_in: int = 0
-    restore_hits: int = 0
-    """Resumes that got at least one block back from the store."""
-    restore_misses: int = 0
-    """Resumes of an offloaded request whose first block was gone (evicted): recomputed."""
-
-
-@dataclass
 class BlockStore:
     """What the scheduler side and the worker side of one engine share."""
 
@@ -90,17 +73,7 @@ class BlockStore:
     block_size: int
     saved_blocks: dict[str, int] = field(default_factory=dict)
     """request id -> number of its leading full blocks written to the tiers."""
-    stats: OffloadStats = field(default_factory=OffloadStats)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    stats_path: Path | None = None
-    """Where :meth:`publish` writes the counters as JSON (the engine core is another process)."""
-
-    def publish(self) -> None:
-        if self.stats_path is None:
-            return
-        tmp = self.stats_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(self.stats)))
-        os.replace(tmp, self.stats_path)
 
     @staticmethod
     def key(request_id: str, index: int) -> str:
@@ -143,8 +116,6 @@ def store_for(engine_id: str, extra: dict[str, Any], block_size: int) -> BlockSt
             if extra.get("disk_dir"):
                 disk = DiskTier(Path(extra["disk_dir"]), int(extra.get("disk_bytes", 4 << 30)))
             found = _stores[engine_id] = BlockStore(TieredStore(host, disk), block_size)
-            if extra.get("stats_path"):
-                found.stats_path = Path(extra["stats_path"])
         return found
 
 
@@ -200,9 +171,7 @@ class PauseOffloadConnector(KVConnectorBase_V1):
         usable = min(held * self._block_size, (request.num_tokens - 1) // self._block_size * self._block_size)
         if usable <= num_computed_tokens:
             if held == 0:
-                self.store.stats.restore_misses += 1
                 _offload_metrics().resumes.labels("recomputed").inc()
-                self.store.publish()
             return 0, False
         return usable - num_computed_tokens, False
 
@@ -253,34 +222,25 @@ class PauseOffloadConnector(KVConnectorBase_V1):
         layers = self._layers()
         store = self.store
         for t in meta.saves:  # saves first: a freed block may be someone's new block this step
-            written = moved = 0
+            moved = 0
             with store.lock:
                 for i, block in enumerate(t.block_ids):
                     blob = torch.stack([layer[block] for layer in layers]).contiguous()
                     data = blob.numpy().tobytes()
                     store.tiers.put(store.key(t.request_id, t.first_index + i), data)
                     moved += len(data)
-                    written += 1
-                store.saved_blocks[t.request_id] = t.first_index + written
-            store.stats.offloaded_blocks += written
-            store.stats.bytes_out += moved
-            _offload_metrics().blocks.labels("out").inc(written)
+                store.saved_blocks[t.request_id] = t.first_index + len(t.block_ids)
+            _offload_metrics().blocks.labels("out").inc(len(t.block_ids))
             _offload_metrics().bytes.labels("out").inc(moved)
         for t in meta.loads:
-            restored = 0
             for block, data in zip(t.block_ids, t.data, strict=True):
                 shape = (len(layers), *layers[0][block].shape)
                 blob = torch.frombuffer(bytearray(data), dtype=layers[0].dtype).view(shape)
                 for layer, values in zip(layers, blob, strict=True):
                     layer[block].copy_(values)
-                store.stats.bytes_in += len(data)
-                restored += 1
-            store.stats.restored_blocks += restored
-            store.stats.restore_hits += 1
-            _offload_metrics().blocks.labels("in").inc(restored)
+            _offload_metrics().blocks.labels("in").inc(len(t.block_ids))
             _offload_metrics().bytes.labels("in").inc(sum(len(d) for d in t.data))
             _offload_metrics().resumes.labels("restored").inc()
-        store.publish()
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
