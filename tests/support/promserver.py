@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -24,16 +23,11 @@ from types import TracebackType
 from typing import Any
 
 import yaml
+from localserve import free_port
 
 
 class PromQueryError(RuntimeError):
     """Prometheus answered a query with an error (bad PromQL, evaluation failure)."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def prometheus_binary() -> str | None:
