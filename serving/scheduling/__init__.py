@@ -8,6 +8,7 @@ from .errors import SchedulingError, UnknownPolicyError, UnsupportedVLLMVersion
 from .model import Action, Capacity, Decision, Plan, Reason, RequestState, RequestView, TokenFlowParams
 from .policy import (
     POLICIES,
+    advance_reader,
     buffer_occupancy,
     decide_fcfs,
     decide_tokenflow,
@@ -28,6 +29,7 @@ __all__ = [
     "TokenFlowParams",
     "UnknownPolicyError",
     "UnsupportedVLLMVersion",
+    "advance_reader",
     "buffer_occupancy",
     "decide_fcfs",
     "decide_tokenflow",

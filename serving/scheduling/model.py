@@ -61,6 +61,11 @@ class RequestView:
     consumption_rate: float = 6.0
     """Tokens/s the client reads (declared or default). Must be > 0."""
     first_token_time: float | None = None
+    reader_tokens: float = 0.0
+    """Modelled reader: tokens it had paid for at ``reader_at`` (the first token is free)."""
+    reader_at: float | None = None
+    """When the modelled reader held ``reader_tokens``; ``None``: at the first token, none read.
+    The scheduler moves it on after the reader ran dry (``policy.advance_reader``)."""
     adapter_id: str | None = None
     paused_since: float | None = None
     num_pauses: int = 0
@@ -105,8 +110,10 @@ class TokenFlowParams:
     """Waiting longer than this makes a request go first (no starvation)."""
     max_pause_s: float = 15.0
     """Paused longer than this makes a request go first (bounded pause)."""
-    max_pauses_per_request: int = 4
-    """A request paused this many times is never paused again."""
+    max_pauses_per_request: int = 32
+    """A request paused this many times is never paused again. Rotation needs many: a stream
+    generated 3x faster than it is read runs a third of the time under a burst, and each
+    cycle is one pause (4 pinned long answers in the batch and made newcomers wait)."""
     nonstream_ttft_s: float = 2.0
     nonstream_tpot_s: float = 0.2
     """A non-streaming request's deadline: arrival + ttft + tpot * max_tokens (if not given)."""

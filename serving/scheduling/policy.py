@@ -34,19 +34,37 @@ from .model import (
 Policy = Callable[[Iterable[RequestView], Capacity, float], Plan]
 
 
-def buffer_occupancy(v: RequestView, now: float) -> float:
-    """Tokens in the client's buffer: ``max(0, g - c (now - t0))`` (0 before the first token)."""
-    if v.first_token_time is None or v.generated_tokens <= 0:
-        return 0.0
-    read = v.consumption_rate * max(0.0, now - v.first_token_time)
-    return max(0.0, v.generated_tokens - read)
-
-
 def time_to_stall(v: RequestView, now: float) -> float:
-    """Seconds until the client's buffer is empty (``b / c``); ``inf`` for non-streaming."""
+    """Seconds until the client's reader runs dry; negative: how long it has been waiting.
+
+    The reader reads the first token when it arrives and then ``c`` tokens/s; it needs token
+    ``g + 1`` at ``reader_at + (g - reader_tokens) / c``. ``inf`` for non-streaming requests,
+    0 before the first token."""
     if not v.streaming:
         return math.inf
-    return buffer_occupancy(v, now) / v.consumption_rate
+    if v.first_token_time is None or v.generated_tokens <= 0:
+        return 0.0
+    at = v.reader_at if v.reader_at is not None else v.first_token_time
+    return at + (v.generated_tokens - v.reader_tokens) / v.consumption_rate - now
+
+
+def buffer_occupancy(v: RequestView, now: float) -> float:
+    """Tokens in the client's buffer (never below 0; 0 before the first token)."""
+    tts = time_to_stall(v, now)
+    return 0.0 if math.isinf(tts) else max(0.0, tts * v.consumption_rate)
+
+
+def advance_reader(
+    reader_tokens: float, reader_at: float, delivered: int, rate: float, now: float
+) -> tuple[float, float]:
+    """The reader model once more tokens arrive at ``now`` after ``delivered`` ones.
+
+    A reader that ran dry before ``now`` waited at ``delivered`` and reads on from ``now``
+    (its schedule shifts, as the load test's simulated reader does); otherwise nothing moves.
+    """
+    if reader_at + (delivered - reader_tokens) / rate < now:
+        return float(delivered), now
+    return reader_tokens, reader_at
 
 
 def deadline_of(v: RequestView, p: TokenFlowParams) -> float:

@@ -30,7 +30,7 @@ from vllm.v1.request import Request, RequestStatus
 from .errors import UnsupportedVLLMVersion
 from .metrics import SchedulerMetrics, export_text
 from .model import Action, Capacity, RequestState, RequestView, TokenFlowParams
-from .policy import make_policy
+from .policy import advance_reader, make_policy
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,8 @@ class TokenFlowScheduler(Scheduler):
         self._paused_since: dict[str, float] = {}
         self._num_pauses: dict[str, int] = {}
         self._first_token_at: dict[str, float] = {}
+        # Reader model per streaming request: (tokens paid for, at, tokens delivered).
+        self._reader: dict[str, tuple[float, float, int]] = {}
         self._resumed_at: dict[str, float] = {}
         self.metrics = _shared_metrics()
         self._metrics_path = Path(cfg["metrics_path"]) if cfg.get("metrics_path") else None
@@ -108,8 +110,15 @@ class TokenFlowScheduler(Scheduler):
         now = self._clock()
         for req in self.running:
             rid = req.request_id
-            if req.num_output_tokens > 0 and rid not in self._first_token_at:
+            delivered = req.num_output_tokens
+            if delivered > 0 and rid not in self._first_token_at:
                 self._first_token_at[rid] = now
+                self._reader[rid] = (0.0, now, delivered)
+            elif delivered > 0:
+                read, at, before = self._reader[rid]
+                if delivered > before:
+                    read, at = advance_reader(read, at, before, self._rate(req), now)
+                    self._reader[rid] = (read, at, delivered)
             started = self._resumed_at.get(rid)
             if started is not None and req.num_computed_tokens >= req.num_tokens - 1:
                 self.metrics.resume_latency.observe(now - started)
@@ -154,13 +163,17 @@ class TokenFlowScheduler(Scheduler):
     # -- translation ------------------------------------------------------------------
 
     def _forget(self, rid: str) -> None:
-        for d in (self._paused_since, self._num_pauses, self._first_token_at, self._resumed_at):
+        for d in (self._paused_since, self._num_pauses, self._first_token_at, self._resumed_at,
+                  self._reader):
             d.pop(rid, None)
+
+    def _rate(self, req: Request) -> float:
+        return float(request_extra(req).get("consumption_rate") or self._default_rate)
 
     def _view(self, req: Request, state: RequestState, now: float) -> RequestView:
         extra = request_extra(req)
-        rate = extra.get("consumption_rate") or self._default_rate
         lora = req.lora_request
+        read, read_at, _ = self._reader.get(req.request_id, (0.0, None, 0))
         return RequestView(
             request_id=req.request_id,
             arrival=req.arrival_time,
@@ -169,8 +182,10 @@ class TokenFlowScheduler(Scheduler):
             max_tokens=req.max_tokens,
             generated_tokens=req.num_output_tokens,
             streaming=bool(extra.get("streaming", True)),
-            consumption_rate=float(rate),
+            consumption_rate=self._rate(req),
             first_token_time=self._first_token_at.get(req.request_id),
+            reader_tokens=read,
+            reader_at=read_at,
             adapter_id=str(lora.lora_int_id) if lora is not None else None,
             paused_since=(
                 self._paused_since.get(req.request_id, now) if state is RequestState.PAUSED else None

@@ -17,6 +17,7 @@ from lorafleet.serving.scheduling import (
     RequestView,
     TokenFlowParams,
     UnknownPolicyError,
+    advance_reader,
     buffer_occupancy,
     decide_fcfs,
     decide_tokenflow,
@@ -44,6 +45,31 @@ def test_buffer_occupancy_and_time_to_stall():
     assert buffer_occupancy(v, now=30.0) == 0.0  # never below zero
     assert buffer_occupancy(view("b", R), now=5.0) == 0.0  # no first token yet
     assert time_to_stall(view("c", R, streaming=False), now=1.0) == math.inf
+    assert time_to_stall(v, now=30.0) == -10.0  # the reader has waited 10 s
+
+
+def test_reader_model_shifts_after_it_ran_dry():
+    # 20 tokens at 5 tok/s from t=0: dry at 4 s. More tokens at 6 s: it waited, reads on from 6.
+    assert advance_reader(0.0, 0.0, delivered=20, rate=5.0, now=6.0) == (20.0, 6.0)
+    # Tokens that came before it ran dry change nothing.
+    assert advance_reader(0.0, 0.0, delivered=20, rate=5.0, now=3.0) == (0.0, 0.0)
+    v = view("a", R, first_token_time=0.0, generated_tokens=30, consumption_rate=5.0,
+             reader_tokens=20.0, reader_at=6.0)
+    assert time_to_stall(v, now=7.0) == 1.0
+
+
+def test_a_stalled_paused_stream_becomes_more_urgent_than_newer_arrivals():
+    """Its urgency grows with the time its reader waits, as a newcomer's does with its wait."""
+    p = TokenFlowParams(resume_margin_s=1.0, ttft_target_s=0.5)
+    # Paused at 10 s with a reader that ran dry at 12 s; now 20 s: stalled for 8 s.
+    paused = view("p", P, first_token_time=0.0, generated_tokens=60, consumption_rate=5.0,
+                  paused_since=10.0, num_pauses=1)
+    new = view("new", W, arrival=16.0)
+    d = by_id(decide_tokenflow([paused, new], Capacity(1, 4), now=20.0, params=p))
+    assert d["p"].action is Action.RESUME and d["new"].action is Action.DEFER
+    older = view("old", W, arrival=5.0)  # waited 15 s for its first token: goes first
+    d = by_id(decide_tokenflow([paused, older], Capacity(1, 4), now=20.0, params=p))
+    assert d["old"].action is Action.ADMIT and d["p"].action is Action.KEEP_PAUSED
 
 
 def test_new_request_preempts_a_long_buffer_when_the_batch_is_full():
