@@ -142,7 +142,10 @@ def test_dashboard_covers_what_operators_look_at() -> None:
                    "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
                    "vllm:num_preemptions_total", "lorafleet_scheduler_pauses_total",
                    "lorafleet_adapters_resident", "lorafleet_adapter_load_seconds_bucket",
-                   'status!~"2.."', "lorafleet_operator_adapters"):
+                   'status!~"2.."', "lorafleet_operator_adapters",
+                   "lorafleet_scheduler_decisions_total",
+                   "lorafleet_scheduler_resume_latency_seconds_bucket",
+                   "lorafleet_kv_offload_bytes_total", "lorafleet_kv_offload_resumes_total"):
         assert needle in used, needle
 
 
@@ -181,6 +184,18 @@ def exposition(n: int) -> str:
             f'lorafleet_rate_limited_total{{tenant="{tenant}",reason="rpm"}} {n}',
         ]
     hist("lorafleet_adapter_load_seconds", "", {"0.5": 0.5, "2.5": 1.0, "+Inf": 1.0}, 50.0)
+    hist("lorafleet_scheduler_resume_latency_seconds", 'replica="r0",',
+         {"0.025": 0.6, "0.1": 0.99, "+Inf": 1.0}, 3.0)
+    lines += ["# TYPE lorafleet_scheduler_decisions_total counter"] + [
+        f'lorafleet_scheduler_decisions_total{{replica="r0",action="{a}",reason="{r}"}} {k * n}'
+        for a, r, k in (("admit", "ttft_urgency", 5), ("pause", "buffer_long", 2),
+                        ("resume", "buffer_draining", 2))]
+    lines += ["# TYPE lorafleet_kv_offload_bytes_total counter"] + [
+        f'lorafleet_kv_offload_bytes_total{{replica="r0",direction="{d}"}} {2**20 * n}'
+        for d in ("out", "in")]
+    lines += ["# TYPE lorafleet_kv_offload_resumes_total counter"] + [
+        f'lorafleet_kv_offload_resumes_total{{replica="r0",result="{r}"}} {k * n}'
+        for r, k in (("restored", 2), ("recomputed", 1))]
     lines += [
         "# TYPE lorafleet_adapters_resident gauge", 'lorafleet_adapters_resident{replica="r0"} 4',
         "# TYPE lorafleet_scheduler_pauses_total counter",
