@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
@@ -53,12 +55,26 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--scheduling-max-running", type=int, default=None,
                    help="tokenflow: batch slots filled before long buffers pause "
                    "(default: --max-num-seqs).")
+    p.add_argument("--scheduling-param", action="append", default=[], metavar="NAME=VALUE",
+                   type=_name_value,
+                   help="tokenflow: a policy knob (repeatable), e.g. resume_margin_s=2; "
+                   "see docs/scheduling.md for the names.")
     p.add_argument("--kv-offload-gib", type=float, default=1.0,
                    help="tokenflow: host pool for paused requests' KV, outside vLLM's cache "
                    "(0: paused requests are recomputed).")
     p.add_argument("--kv-offload-disk-dir", default=None,
                    help="tokenflow: spill KV evicted from the host pool here.")
     p.set_defaults(func=cmd_serve)
+
+
+def _name_value(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=NUMBER, got {text!r}") from None
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -97,17 +113,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         served = args.served_model_name or model_dir.name
     admin_key = load_or_create_admin_key(data_dir, settings.admin_key)
     settings = settings.model_copy(update={"admin_key": admin_key})
-    engine_config = EngineConfig(
-        model_dir=str(model_dir), served_model_name=served, dtype=args.dtype,
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-        max_cpu_loras=args.max_cpu_loras, kv_cache_bytes=int(args.kv_cache_gib * 2**30),
-        scheduling_policy=args.scheduling_policy,
-        default_consumption_rate=args.default_consumption_rate,
-        scheduling_max_running=args.scheduling_max_running,
-        kv_offload_host_bytes=int(args.kv_offload_gib * 2**30),
-        kv_offload_disk_dir=args.kv_offload_disk_dir,
-    )
+    try:
+        engine_config = EngineConfig(
+            model_dir=str(model_dir), served_model_name=served, dtype=args.dtype,
+            max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+            max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+            max_cpu_loras=args.max_cpu_loras, kv_cache_bytes=int(args.kv_cache_gib * 2**30),
+            scheduling_policy=args.scheduling_policy,
+            default_consumption_rate=args.default_consumption_rate,
+            scheduling_max_running=args.scheduling_max_running,
+            kv_offload_host_bytes=int(args.kv_offload_gib * 2**30),
+            kv_offload_disk_dir=args.kv_offload_disk_dir,
+            scheduling_params=dict(args.scheduling_param),
+        )
+    except ValidationError as e:
+        raise SystemExit("lorafleet serve: error: " + "; ".join(
+            f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
     keys: dict[str, str] = {}
     if demo:
         from lorafleet.adapters.registry import open_registry

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -67,9 +67,10 @@ class EngineConfig(BaseModel):
         description="tokenflow: batch slots the policy fills before it pauses long buffers "
         "(default: max_num_seqs).",
     )
-    scheduling_pause_min_buffer_s: float = Field(
-        default=3.0, gt=0,
-        description="tokenflow: only streams whose client buffer lasts longer than this may pause.",
+    scheduling_params: dict[str, float] = Field(
+        default_factory=dict,
+        description="tokenflow: policy knobs by name (fields of TokenFlowParams, e.g. "
+        "pause_min_buffer_s, resume_margin_s, ttft_target_s); unknown names are refused.",
     )
     prefix_caching: bool = Field(
         default=True, description="vLLM's automatic prefix caching (off: every resume must reload "
@@ -86,6 +87,20 @@ class EngineConfig(BaseModel):
     kv_offload_disk_bytes: int = Field(
         default=4 << 30, ge=0, description="tokenflow: capacity of the disk tier.",
     )
+
+    @field_validator("scheduling_params")
+    @classmethod
+    def _known_params(cls, v: dict[str, float]) -> dict[str, float]:
+        from dataclasses import fields
+
+        from .scheduling.model import TokenFlowParams
+
+        known = {f.name for f in fields(TokenFlowParams)}
+        unknown = sorted(set(v) - known)
+        if unknown:
+            raise ValueError(f"unknown scheduling parameter(s) {unknown}; known: {sorted(known)}")
+        TokenFlowParams(**v)  # types and values
+        return v
 
 
 class ServeSettings(BaseSettings):

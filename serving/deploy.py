@@ -19,7 +19,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -247,6 +247,14 @@ class AppArgs(BaseModel):
     max_cpu_loras: int = Field(default=32, ge=1, description="Adapters resident per replica.")
     max_model_len: int = Field(default=2048, ge=64, description="Context length.")
     kv_cache_gib: float = Field(default=2.0, gt=0, description="KV cache per replica (GiB).")
+    scheduling_policy: Literal["fcfs", "tokenflow"] = Field(
+        default="fcfs", description="fcfs: stock vLLM; tokenflow: streaming-aware preemption.")
+    default_consumption_rate: float = Field(
+        default=6.0, gt=0, description="Tokens/s a streaming client reads when it declares none.")
+    kv_offload_gib: float = Field(
+        default=1.0, ge=0, description="tokenflow: host pool for paused requests' KV (GiB).")
+    scheduling_params: dict[str, float] = Field(
+        default_factory=dict, description="tokenflow: policy knobs by name (TokenFlowParams).")
     engine_num_replicas: int = Field(default=1, ge=1, description="Engine replicas.")
     engine_autoscaling_config: dict[str, Any] | None = Field(
         default=None, description="Ray Serve autoscaling_config for the engine replicas."
@@ -270,6 +278,8 @@ def build_app(args: dict[str, Any]) -> Any:
         model_dir=a.model_dir, served_model_name=a.served_model_name, dtype=a.dtype,
         max_model_len=a.max_model_len, max_loras=a.max_loras, max_lora_rank=a.max_lora_rank,
         max_cpu_loras=a.max_cpu_loras, kv_cache_bytes=int(a.kv_cache_gib * 2**30),
+        scheduling_policy=a.scheduling_policy, default_consumption_rate=a.default_consumption_rate,
+        kv_offload_host_bytes=int(a.kv_offload_gib * 2**30), scheduling_params=a.scheduling_params,
     )
     return application(settings, engine_config, a.engine_autoscaling_config)
 

@@ -113,6 +113,7 @@ def run_system(
     log = out_dir / "logs" / f"{system}.log"
     target = f"http://{servers.HOST}:{port}/v1"
     t0 = time.monotonic()
+    extra: dict[str, Any] = {}
     if system == "vllm":
         cmd, env = servers.vllm_command(
             servers.VLLMOptions(
@@ -154,10 +155,34 @@ def run_system(
             finally:
                 admin.close()
             phases = _run_phases(system, sc, target, {TENANT: key}, out_dir, console)
+            extra["server_counters"] = server_counters(servers.metrics_text(srv.base_url, admin_key))
+            if extra["server_counters"]:
+                console.print("  server: " + ", ".join(
+                    f"{k} {v:g}" for k, v in extra["server_counters"].items()))
     else:
         raise LoadTestError(f"unknown system {system!r}; known: {SYSTEMS}")
     return {"scenario": sc.name, "system": system, "ready_s": ready_s, "note": CPU_NOTE,
-            "reserved_cpus": reserved_cpus, "phases": phases}
+            "reserved_cpus": reserved_cpus, "phases": phases, **extra}
+
+
+COUNTER_PREFIXES = ("lorafleet_scheduler_", "lorafleet_kv_offload_")
+
+
+def server_counters(text: str) -> dict[str, float]:
+    """LoRAFleet's scheduler and KV-offload counters from a /metrics page, summed over
+    replicas: ``name`` or ``name{label=value}`` (one label: direction, result, action)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if not sample.name.startswith(COUNTER_PREFIXES) or not sample.name.endswith("_total"):
+                continue
+            labels = {k: v for k, v in sample.labels.items() if k in ("direction", "result", "action")}
+            key = sample.name.removesuffix("_total") + "".join(
+                f"{{{k}={v}}}" for k, v in sorted(labels.items()))
+            out[key] = out.get(key, 0.0) + sample.value
+    return dict(sorted(out.items()))
 
 
 def cold_start_figures(doc: dict[str, Any]) -> dict[str, float | None]:

@@ -288,6 +288,14 @@ def lorafleet_command(opts: LoRAFleetOptions, port: int) -> tuple[list[str], dic
     return cmd, env
 
 
+def metrics_text(base_url: str, admin_key: str) -> str:
+    """The server's Prometheus page (LoRAFleet's /metrics wants the admin or metrics key)."""
+    r = httpx.get(f"{base_url}/metrics", headers={"Authorization": f"Bearer {admin_key}"},
+                  timeout=30.0)
+    r.raise_for_status()
+    return r.text
+
+
 class AdminClient:
     """The few LoRAFleet admin calls bench needs (contract: docs/contracts.md)."""
 

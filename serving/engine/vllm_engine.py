@@ -35,7 +35,7 @@ def _apply_vllm_environment(config: EngineConfig) -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
-def _scheduling_args(config: EngineConfig, metrics_path: str | None = None) -> dict[str, Any]:
+def scheduling_engine_args(config: EngineConfig, metrics_path: str | None = None) -> dict[str, Any]:
     """Engine args that plug LoRAFleet's scheduler in (none for stock fcfs). The engine core
     writes its ``lorafleet_*`` metrics to ``metrics_path`` (it is another process)."""
     if config.scheduling_policy == "fcfs":
@@ -66,7 +66,7 @@ def _scheduling_args(config: EngineConfig, metrics_path: str | None = None) -> d
             "policy": config.scheduling_policy,
             "max_running": config.scheduling_max_running,
             "default_consumption_rate": config.default_consumption_rate,
-            "params": {"pause_min_buffer_s": config.scheduling_pause_min_buffer_s},
+            "params": dict(config.scheduling_params),
             "metrics_path": metrics_path,
         }},
     }
@@ -117,7 +117,7 @@ class VLLMEngine:
             seed=c.seed,
             disable_log_stats=False,
             enable_log_requests=False,
-            **_scheduling_args(c, str(self._core_metrics_path)),
+            **scheduling_engine_args(c, str(self._core_metrics_path)),
         )
         self._llm = AsyncLLM.from_engine_args(args)
 

@@ -405,6 +405,23 @@ def test_kuberay_mode_runs_the_serve_app_with_autoscaling() -> None:
     assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["http", "metrics"]
 
 
+def test_scheduling_reaches_the_engine_in_both_modes() -> None:
+    tokenflow = {"serving": {"engine": {"scheduling": {
+        "policy": "tokenflow", "kvOffloadGib": 4, "params": {"resume_margin_s": 2}}}}}
+    serving = one(render(tokenflow), "Deployment", "-serving")
+    args = serving["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert {"--scheduling-policy=tokenflow", "--kv-offload-gib=4", "--default-consumption-rate=6",
+            "--scheduling-param=resume_margin_s=2"} <= set(args)
+    rs = one(render(_deep_merge(VALUE_SETS["kuberay"], tokenflow)), "RayService")
+    (app,) = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
+    assert app["args"]["scheduling_policy"] == "tokenflow"
+    assert app["args"]["kv_offload_gib"] == 4
+    assert app["args"]["scheduling_params"] == {"resume_margin_s": 2}
+    from lorafleet.serving.deploy import AppArgs
+
+    AppArgs(**app["args"])  # the Serve app builder accepts what the chart renders
+
+
 def test_monitoring_off_renders_no_monitoring_objects() -> None:
     ks = kinds(render(VALUE_SETS["monitoring-off"]))
     assert not {"PodMonitor", "PrometheusRule", "ConfigMap"} & set(ks)
@@ -541,6 +558,9 @@ def test_example_crs_match_the_crds() -> None:
     {"rayService": {"importPath": "not a path"}},
     {"unknownKey": True},
     {"serving": {"resources": {"limit": {"cpu": 1}}}},
+    {"serving": {"engine": {"scheduling": {"policy": "lifo"}}}},
+    {"serving": {"engine": {"scheduling": {"params": {"resume_margn_s": 2}}}}},
+    {"serving": {"engine": {"scheduling": {"kvOffloadGib": -1}}}},
 ])
 def test_schema_rejects_bad_values(bad: dict[str, Any]) -> None:
     with helm.Chart.load(CHART) as chart:

@@ -1,0 +1,36 @@
+"""The bench's summary of LoRAFleet's scheduler and KV-offload counters from /metrics."""
+
+from __future__ import annotations
+
+from lorafleet.loadtest.bench.harness import server_counters
+
+PAGE = """\
+# TYPE lorafleet_scheduler_pauses_total counter
+lorafleet_scheduler_pauses_total{replica="r0"} 5.0
+lorafleet_scheduler_pauses_total{replica="r1"} 2.0
+# TYPE lorafleet_scheduler_decisions_total counter
+lorafleet_scheduler_decisions_total{replica="r0",action="pause",reason="buffer_long"} 5.0
+lorafleet_scheduler_decisions_total{replica="r0",action="admit",reason="ttft_urgency"} 3.0
+lorafleet_scheduler_decisions_total{replica="r0",action="admit",reason="wait_bound"} 1.0
+# TYPE lorafleet_kv_offload_resumes_total counter
+lorafleet_kv_offload_resumes_total{replica="r0",result="restored"} 4.0
+# TYPE lorafleet_requests_total counter
+lorafleet_requests_total{tenant="t",adapter="a",status="200"} 9.0
+# TYPE lorafleet_scheduler_resume_latency_seconds histogram
+lorafleet_scheduler_resume_latency_seconds_bucket{replica="r0",le="+Inf"} 4.0
+lorafleet_scheduler_resume_latency_seconds_count{replica="r0"} 4.0
+lorafleet_scheduler_resume_latency_seconds_sum{replica="r0"} 0.2
+"""
+
+
+def test_counters_are_summed_over_replicas_and_reasons_and_nothing_else_is_kept():
+    assert server_counters(PAGE) == {
+        "lorafleet_kv_offload_resumes{result=restored}": 4.0,
+        "lorafleet_scheduler_decisions{action=admit}": 4.0,
+        "lorafleet_scheduler_decisions{action=pause}": 5.0,
+        "lorafleet_scheduler_pauses": 7.0,
+    }
+
+
+def test_a_server_without_them_gives_nothing():
+    assert server_counters("# TYPE x counter\nx_total 1\n") == {}

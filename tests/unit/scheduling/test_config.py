@@ -1,0 +1,43 @@
+"""Choosing and tuning the policy: the engine config and ``lorafleet serve`` flags."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from lorafleet.serving.config import EngineConfig
+from lorafleet.serving.engine.vllm_engine import scheduling_engine_args
+
+
+def config(**kw: object) -> EngineConfig:
+    return EngineConfig(model_dir="/m", served_model_name="m", **kw)  # type: ignore[arg-type]
+
+
+def test_policy_knobs_reach_the_scheduler_by_name():
+    cfg = config(scheduling_policy="tokenflow",
+                 scheduling_params={"resume_margin_s": 2.0, "pause_min_buffer_s": 4.0})
+    args = scheduling_engine_args(cfg, "/tmp/core.prom")
+    sched = args["additional_config"]["lorafleet_scheduling"]
+    assert sched["params"] == {"resume_margin_s": 2.0, "pause_min_buffer_s": 4.0}
+    assert sched["policy"] == "tokenflow"
+    assert args["kv_transfer_config"].kv_connector == "PauseOffloadConnector"
+
+
+def test_fcfs_is_stock_vllm():
+    assert scheduling_engine_args(config(), "/tmp/core.prom") == {}
+
+
+def test_unknown_knobs_are_refused_with_the_known_names():
+    with pytest.raises(ValidationError, match="unknown scheduling parameter.*resume_margin_s"):
+        config(scheduling_params={"resume_margn_s": 2.0})
+
+
+def test_the_serve_flag_parses_name_value_pairs():
+    import argparse
+
+    from lorafleet.serving.cli import _name_value
+
+    assert _name_value("resume_margin_s=2.5") == ("resume_margin_s", 2.5)
+    for bad in ("resume_margin_s", "=2", "x=fast"):
+        with pytest.raises(argparse.ArgumentTypeError, match="NAME=NUMBER"):
+            _name_value(bad)
