@@ -1,9 +1,9 @@
 """KV-cache tiers outside vLLM's block pool (host memory, local disk) for paused requests.
 
-Boundary: ``tiers`` is pure capacity/eviction logic. The vLLM KV connector that moves blocks
-between vLLM's KV cache and these tiers is not written yet (see docs/scheduling.md).
+Boundary: ``tiers`` is capacity, eviction and file handling; ``connector`` is the vLLM KV
+connector that moves paused requests' blocks between vLLM's cache and the tiers.
 """
 
-from .tiers import DiskTier, HostPool, TieredStore, TierStats
+from .tiers import FileTier, TieredStore, TierStats
 
-__all__ = ["DiskTier", "HostPool", "TierStats", "TieredStore"]
+__all__ = ["FileTier", "TierStats", "TieredStore"]

@@ -5,40 +5,46 @@ How a pause flows (TokenFlow scheduler, ``serving/scheduling/vllm_scheduler.py``
 
 1. The scheduler decides to pause request R. Before vLLM's ``_preempt_request`` frees R's
    blocks it calls :meth:`PauseOffloadConnector.offload_on_pause`, which records R's *full*
-   blocks (block ids and how many tokens they hold) as a pending save.
-2. ``build_connector_meta`` hands the pending saves to the worker in this step's metadata.
+   blocks (block ids) as a pending save.
+2. ``build_connector_meta`` hands the pending saves (and the discards of finished requests)
+   to the worker in this step's metadata.
 3. Worker side, ``start_load_kv`` runs before the step's forward pass (vLLM runs it after
    the forward unless the step has a synchronous load, so the scheduler marks steps with
    saves as such): it copies each saved block (all layers) out of vLLM's paged cache into
    the :class:`~.tiers.TieredStore` first, so a block that vLLM has just handed to another
    request is read before anything overwrites it. Loads come after the saves in the same call.
 4. When R is scheduled again, vLLM first counts its prefix-cache hits (freed blocks stay in
-   the prefix cache until reused), then asks ``get_num_new_matched_tokens``: if the store
-   still holds R's blocks beyond the local hits, they are claimed; ``update_state_after_alloc``
-   learns the new block ids; the next ``start_load_kv`` copies them back in.
-5. A block the store evicted (bounded capacity, LRU; host memory spills to disk when a disk
-   tier is configured) makes the match stop there: the rest is recomputed, correctly.
-6. ``request_finished`` drops what the store holds for R.
+   the prefix cache until reused), then asks ``get_num_new_matched_tokens``: the scheduler
+   *claims* R's leading blocks that the tiers still hold (hard links: an eviction afterwards
+   cannot take the bytes away) and reports them; ``update_state_after_alloc`` learns the new
+   block ids; the next ``start_load_kv`` copies the claimed bytes in and drops the claims.
+5. A block the tiers evicted (bounded capacity, LRU; the host tier spills to disk when a disk
+   tier is configured) ends the claim there: the rest is recomputed, correctly.
+6. ``request_finished`` sends the discard of R's blocks to the worker.
 
-On the CPU backend vLLM's paged cache lives in host memory too; the store is a separate,
-bounded pool outside vLLM's block pool (so offloaded KV does not take blocks from running
-requests), plus local disk. The copies are synchronous (there is no second stream on a CPU);
-on CUDA they would run on a side stream with pinned buffers (not implemented here).
+Processes: on the CPU backend vLLM runs the scheduler in the engine-core process and the
+worker in a process of its own, so the two halves share nothing in memory. The tiers are
+folders (host: ``/dev/shm``, a memory filesystem; disk: ``disk_dir``) that both see: the
+worker writes and evicts, the scheduler only checks and claims. Everything the scheduler
+counts (``lorafleet_kv_offload_*``) it knows itself, so the counters live in the engine-core
+process, which exports them (the worker's own counters would never be scraped).
 
-Scheduler and worker sides meet in one :class:`BlockStore` per engine, looked up by the
-engine's id in this process: true for vLLM's in-process (uniproc) executor, which LoRAFleet's
-CPU engine uses. Where they run in different processes the scheduler sees an empty store and
-everything falls back to recompute (correct, just not faster).
+Copies are synchronous, through host memory, before the step's forward. On CUDA they would
+belong on a side stream with pinned buffers to overlap compute (not built: see
+docs/scheduling.md).
 
 Plugged in with ``kv_transfer_config={"kv_connector": "PauseOffloadConnector",
 "kv_connector_module_path": __name__, "kv_role": "kv_both", "kv_connector_extra_config":
-{"host_bytes": ..., "disk_dir": ..., "disk_bytes": ...}}``.
+{"host_bytes": ..., "host_dir": ..., "disk_dir": ..., "disk_bytes": ...}}``.
 """
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import logging
-import threading
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,7 +56,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from .tiers import DiskTier, HostPool, TieredStore
+from .tiers import FileTier, TieredStore
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -65,30 +71,40 @@ log = logging.getLogger(__name__)
 CONNECTOR_NAME = "PauseOffloadConnector"
 
 
-@dataclass
-class BlockStore:
-    """What the scheduler side and the worker side of one engine share."""
+def block_key(request_id: str, index: int) -> str:
+    return f"{request_id}/{index}"
 
-    tiers: TieredStore
-    block_size: int
-    saved_blocks: dict[str, int] = field(default_factory=dict)
-    """request id -> number of its leading full blocks written to the tiers."""
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
-    @staticmethod
-    def key(request_id: str, index: int) -> str:
-        return f"{request_id}/{index}"
+def tier_dirs(engine_id: str, extra: dict[str, Any]) -> tuple[Path, Path | None]:
+    """The host and disk tier folders of one engine (the same in every process)."""
+    base = extra.get("host_dir")
+    if not base:
+        shm = Path("/dev/shm")
+        base = shm if shm.is_dir() else Path(tempfile.gettempdir())
+    host = Path(base) / f"lorafleet-kv-{engine_id}"
+    disk = Path(extra["disk_dir"]) / f"lorafleet-kv-{engine_id}" if extra.get("disk_dir") else None
+    return host, disk
 
-    def available_blocks(self, request_id: str) -> int:
-        """Leading blocks of ``request_id`` still held (a gap ends the usable prefix)."""
-        with self.lock:
-            n = self.saved_blocks.get(request_id, 0)
-            return self.tiers.matched_prefix([self.key(request_id, i) for i in range(n)])
 
-    def forget(self, request_id: str) -> None:
-        with self.lock:
-            for i in range(self.saved_blocks.pop(request_id, 0)):
-                self.tiers.discard(self.key(request_id, i))
+def open_store(engine_id: str, extra: dict[str, Any]) -> TieredStore:
+    host_dir, disk_dir = tier_dirs(engine_id, extra)
+    disk = FileTier(disk_dir, int(extra.get("disk_bytes", 4 << 30))) if disk_dir else None
+    return TieredStore(FileTier(host_dir, int(extra.get("host_bytes", 1 << 30))), disk)
+
+
+def block_to_bytes(layers: list[torch.Tensor], block: int) -> bytes:
+    """One block of every layer, as raw bytes (any dtype, bf16 included; device tensors are
+    copied to the host first, synchronously)."""
+    blob = torch.stack([layer[block] for layer in layers]).contiguous().cpu()
+    return blob.view(torch.uint8).numpy().tobytes()
+
+
+def bytes_to_block(layers: list[torch.Tensor], block: int, data: bytes) -> None:
+    """Write what :func:`block_to_bytes` produced back into ``block`` of every layer."""
+    shape = (len(layers), *layers[0][block].shape)
+    blob = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(layers[0].dtype).view(shape)
+    for layer, values in zip(layers, blob, strict=True):
+        layer[block].copy_(values)
 
 
 _metrics: Any = None
@@ -103,22 +119,6 @@ def _offload_metrics() -> Any:
     return _metrics
 
 
-_stores: dict[str, BlockStore] = {}
-_stores_lock = threading.Lock()
-
-
-def store_for(engine_id: str, extra: dict[str, Any], block_size: int) -> BlockStore:
-    with _stores_lock:
-        found = _stores.get(engine_id)
-        if found is None:
-            host = HostPool(int(extra.get("host_bytes", 1 << 30)))
-            disk = None
-            if extra.get("disk_dir"):
-                disk = DiskTier(Path(extra["disk_dir"]), int(extra.get("disk_bytes", 4 << 30)))
-            found = _stores[engine_id] = BlockStore(TieredStore(host, disk), block_size)
-        return found
-
-
 @dataclass
 class Transfer:
     request_id: str
@@ -126,15 +126,16 @@ class Transfer:
     """vLLM block ids, in the request's block order."""
     first_index: int
     """Index (in the request's block list) of ``block_ids[0]``: the store keys' numbering."""
-    data: list[bytes] = field(default_factory=list)
-    """Loads only: the blocks' bytes, taken from the store when the blocks were claimed, so a
-    save in the same step that evicts them cannot leave the load without its data."""
+    claims: list[str] = field(default_factory=list)
+    """Loads only: the claimed files holding the blocks' bytes, in ``block_ids`` order."""
 
 
 @dataclass
 class PauseOffloadMetadata(KVConnectorMetadata):
     saves: list[Transfer] = field(default_factory=list)
     loads: list[Transfer] = field(default_factory=list)
+    discards: list[str] = field(default_factory=list)
+    """Keys of finished requests' blocks."""
 
 
 class PauseOffloadConnector(KVConnectorBase_V1):
@@ -143,11 +144,22 @@ class PauseOffloadConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         self._block_size = vllm_config.cache_config.block_size
-        engine_id = str(self._kv_transfer_config.engine_id)
-        self.store = store_for(engine_id, extra, self._block_size)
+        self.store = open_store(str(self._kv_transfer_config.engine_id), extra)
+        self._block_bytes = 0
+        if kv_cache_config is not None and kv_cache_config.num_blocks:
+            total = sum(t.size for t in kv_cache_config.kv_cache_tensors)
+            self._block_bytes = total // kv_cache_config.num_blocks
+        # Scheduler side.
         self._pending_saves: list[Transfer] = []
         self._pending_loads: dict[str, Transfer] = {}
+        self._pending_discards: list[str] = []
+        self._saved: dict[str, int] = {}
+        """request id -> leading full blocks ever sent to the tiers."""
+        self._claims: dict[str, list[Path]] = {}
+        # Worker side.
         self._kv_caches: dict[str, torch.Tensor] = {}
+        if role == KVConnectorRole.WORKER:
+            atexit.register(self._remove_tiers)
 
     # -- scheduler side -----------------------------------------------------------------
 
@@ -156,50 +168,78 @@ class PauseOffloadConnector(KVConnectorBase_V1):
         full = min(request.num_computed_tokens // self._block_size, len(block_ids))
         if full <= 0:
             return 0
+        self._drop_claims(request.request_id)
         self._pending_saves.append(Transfer(request.request_id, list(block_ids[:full]), 0))
+        self._saved[request.request_id] = max(full, self._saved.get(request.request_id, 0))
+        _offload_metrics().blocks.labels("out").inc(full)
+        _offload_metrics().bytes.labels("out").inc(full * self._block_bytes)
         return full
 
     def has_pending_saves(self) -> bool:
         return bool(self._pending_saves)
 
+    def _tag(self, request_id: str) -> str:
+        return hashlib.sha256(request_id.encode()).hexdigest()[:16]
+
     def get_num_new_matched_tokens(self, request: Request,
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
-        if request.request_id not in self.store.saved_blocks:
+        rid = request.request_id
+        saved = self._saved.get(rid, 0)
+        if saved == 0:
             return 0, False
-        held = self.store.available_blocks(request.request_id)
         # At least one token must be computed this step (vLLM samples from it).
-        usable = min(held * self._block_size, (request.num_tokens - 1) // self._block_size * self._block_size)
+        limit = min(saved, (request.num_tokens - 1) // self._block_size)
+        claims = self._claims.get(rid)
+        if claims is None:  # vLLM may ask again (no free blocks last step): claim once
+            claims = self._claims[rid] = self.store.claimed_prefix(
+                [block_key(rid, i) for i in range(limit)], self._tag(rid))
+        usable = len(claims) * self._block_size
         if usable <= num_computed_tokens:
-            if held == 0:
-                _offload_metrics().resumes.labels("recomputed").inc()
+            # vLLM's prefix cache still had them (or the tiers lost the first block).
+            _offload_metrics().resumes.labels("cached" if num_computed_tokens else "recomputed").inc()
+            self._drop_claims(rid)
             return 0, False
         return usable - num_computed_tokens, False
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
                                  num_external_tokens: int) -> None:
+        rid = request.request_id
+        claims = self._claims.pop(rid, [])
         if num_external_tokens <= 0:
+            self._unlink(claims)
             return
         block_ids = blocks.get_block_ids()[0]
         first = request.num_computed_tokens // self._block_size
         count = num_external_tokens // self._block_size
-        with self.store.lock:
-            data = [self.store.tiers.get(self.store.key(request.request_id, first + i))
-                    for i in range(count)]
-        if any(d is None for d in data):  # cannot happen: matched a moment ago in this thread
-            raise RuntimeError(f"offloaded KV of {request.request_id} vanished before its load")
-        self._pending_loads[request.request_id] = Transfer(
-            request.request_id, list(block_ids[first : first + count]), first,
-            [d for d in data if d is not None])
+        self._unlink(claims[:first] + claims[first + count:])
+        self._pending_loads[rid] = Transfer(
+            rid, list(block_ids[first : first + count]), first,
+            [str(c) for c in claims[first : first + count]])
+        _offload_metrics().blocks.labels("in").inc(count)
+        _offload_metrics().bytes.labels("in").inc(count * self._block_bytes)
+        _offload_metrics().resumes.labels("restored").inc()
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        meta = PauseOffloadMetadata(saves=self._pending_saves, loads=list(self._pending_loads.values()))
+        meta = PauseOffloadMetadata(saves=self._pending_saves, loads=list(self._pending_loads.values()),
+                                    discards=self._pending_discards)
         self._pending_saves = []
         self._pending_loads = {}
+        self._pending_discards = []
         return meta
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        self.store.forget(request.request_id)
+        rid = request.request_id
+        self._drop_claims(rid)
+        self._pending_discards += [block_key(rid, i) for i in range(self._saved.pop(rid, 0))]
         return False, None
+
+    def _drop_claims(self, rid: str) -> None:
+        self._unlink(self._claims.pop(rid, []))
+
+    @staticmethod
+    def _unlink(paths: list[Path]) -> None:
+        for p in paths:
+            p.unlink(missing_ok=True)
 
     # -- worker side --------------------------------------------------------------------
 
@@ -217,30 +257,19 @@ class PauseOffloadConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, PauseOffloadMetadata)
-        if not meta.saves and not meta.loads:
+        if not meta.saves and not meta.loads and not meta.discards:
             return
         layers = self._layers()
-        store = self.store
         for t in meta.saves:  # saves first: a freed block may be someone's new block this step
-            moved = 0
-            with store.lock:
-                for i, block in enumerate(t.block_ids):
-                    blob = torch.stack([layer[block] for layer in layers]).contiguous()
-                    data = blob.numpy().tobytes()
-                    store.tiers.put(store.key(t.request_id, t.first_index + i), data)
-                    moved += len(data)
-                store.saved_blocks[t.request_id] = t.first_index + len(t.block_ids)
-            _offload_metrics().blocks.labels("out").inc(len(t.block_ids))
-            _offload_metrics().bytes.labels("out").inc(moved)
+            for i, block in enumerate(t.block_ids):
+                self.store.put(block_key(t.request_id, t.first_index + i), block_to_bytes(layers, block))
+        for key in meta.discards:
+            self.store.discard(key)
         for t in meta.loads:
-            for block, data in zip(t.block_ids, t.data, strict=True):
-                shape = (len(layers), *layers[0][block].shape)
-                blob = torch.frombuffer(bytearray(data), dtype=layers[0].dtype).view(shape)
-                for layer, values in zip(layers, blob, strict=True):
-                    layer[block].copy_(values)
-            _offload_metrics().blocks.labels("in").inc(len(t.block_ids))
-            _offload_metrics().bytes.labels("in").inc(sum(len(d) for d in t.data))
-            _offload_metrics().resumes.labels("restored").inc()
+            for block, claim in zip(t.block_ids, t.claims, strict=True):
+                path = Path(claim)
+                bytes_to_block(layers, block, path.read_bytes())
+                path.unlink(missing_ok=True)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
@@ -251,3 +280,11 @@ class PauseOffloadConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         return
+
+    def _remove_tiers(self) -> None:
+        for tier in self.store.tiers():
+            shutil.rmtree(tier.root, ignore_errors=True)
+
+    def shutdown(self) -> None:
+        if self._role == KVConnectorRole.WORKER:
+            self._remove_tiers()

@@ -4,8 +4,9 @@
 
 Boundary: a benchmark command (prints numbers, writes JSON). *Restore* copies the request's
 KV blocks, shaped like vLLM's CPU paged cache for the model (layers x [blocks, 2, block, kv
-heads, head dim], fp32), out to a :class:`HostPool` (offload) and back into freshly chosen
-blocks (restore). *Recompute* is what vLLM does today on resume: a real prefill of the same
+heads, head dim], fp32), out to the connector's host tier (files on ``/dev/shm``, what
+``PauseOffloadConnector`` writes: offload) and back into freshly chosen blocks through a
+claim, as a resume does (restore). *Recompute* is what vLLM does today on resume: a real prefill of the same
 number of tokens on the same model (in-process ``VLLMEngine``, one request, ``max_tokens=1``,
 prefix caching defeated by a fresh prompt each time), minus a 1-token request's latency.
 """
@@ -19,37 +20,44 @@ import statistics
 import time
 from pathlib import Path
 
-from .tiers import HostPool
-
 
 def measure_restore(layers: int, kv_heads: int, head_dim: int, tokens: int, block_size: int = 32,
                     repeats: int = 5) -> dict[str, float]:
+    import tempfile
+
     import torch
+
+    from .connector import block_to_bytes, bytes_to_block, open_store
 
     n_blocks = -(-tokens // block_size)
     cache = [torch.randn(n_blocks * 2, 2, block_size, kv_heads, head_dim) for _ in range(layers)]
     src = list(range(n_blocks))
     dst = list(range(n_blocks, 2 * n_blocks))
-    pool = HostPool(capacity_bytes=4 * 2**30)
     offload, restore = [], []
-    for r in range(repeats):
-        t0 = time.perf_counter()
-        for i, b in enumerate(src):
-            blob = torch.stack([layer[b] for layer in cache]).numpy().tobytes()
-            pool.put(f"req/{r}/{i}", blob)
-        offload.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        shape = (layers, 2, block_size, kv_heads, head_dim)
-        for i, b in enumerate(dst):
-            data = pool.get(f"req/{r}/{i}")
-            assert data is not None
-            blk = torch.frombuffer(bytearray(data), dtype=torch.float32).view(shape)
-            for li, layer in enumerate(cache):
-                layer[b].copy_(blk[li])
-        restore.append(time.perf_counter() - t0)
-        assert all(torch.equal(layer[s], layer[d]) for layer in cache for s, d in zip(src, dst, strict=True))
+    with tempfile.TemporaryDirectory(prefix="resume-bench-") as scratch:
+        store = open_store(Path(scratch).name, {"host_bytes": 4 * 2**30})
+        try:
+            for r in range(repeats):
+                t0 = time.perf_counter()
+                for i, b in enumerate(src):
+                    store.put(f"req/{r}/{i}", block_to_bytes(cache, b))
+                offload.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                claims = store.claimed_prefix([f"req/{r}/{i}" for i in range(n_blocks)], "bench")
+                assert len(claims) == n_blocks
+                for b, claim in zip(dst, claims, strict=True):
+                    bytes_to_block(cache, b, claim.read_bytes())
+                    claim.unlink()
+                restore.append(time.perf_counter() - t0)
+                assert all(torch.equal(layer[s], layer[d])
+                           for layer in cache for s, d in zip(src, dst, strict=True))
+            used = store.host.used_bytes
+        finally:
+            import shutil
+
+            shutil.rmtree(store.host.root, ignore_errors=True)
     return {"offload_s": statistics.median(offload), "restore_s": statistics.median(restore),
-            "bytes": pool.used_bytes / repeats}
+            "bytes": used / repeats}
 
 
 async def measure_recompute(model_dir: str, tokens: int, repeats: int = 3) -> dict[str, float]:

@@ -1,18 +1,30 @@
-"""KV-cache tiers outside vLLM's block pool: a bounded host-memory pool and local disk.
+"""KV-cache tiers outside vLLM's block pool: files in host memory (tmpfs) and on local disk.
 
-Boundary: capacity and eviction only. Entries are opaque byte strings (a KV block's tensors,
-serialised by the connector) under opaque keys (a block hash chained with the adapter, so one
-adapter's KV never serves another's). No vLLM, no torch, no clock: LRU order is the only time.
+Boundary: capacity, eviction and file handling only. Entries are opaque byte strings (a KV
+block's tensors, serialised by the connector) under opaque keys. No vLLM, no torch, no clock:
+LRU order is the only time.
 
-Tiering: ``put`` writes to host memory; what host memory evicts spills to disk when a disk tier
-is configured, and is dropped otherwise. ``get`` looks in host memory, then on disk (and
-promotes a disk hit back to host memory). A missing key is a miss: the caller recomputes.
+Why files: vLLM runs its scheduler (which decides what to restore) and its worker (which
+holds the KV tensors and does the copies) in different processes on the CPU backend. A
+tier that is a folder is visible to both: the worker writes and evicts (it alone keeps the
+accounting), the scheduler only looks (``exists``) and *claims* what it will restore. A
+claim is a hard link: if the worker evicts or rewrites the entry afterwards (writes always
+go to a new file that replaces the name), the claimed bytes stay readable until the load
+is done. The host tier is a folder on a memory filesystem (``/dev/shm``), the disk tier one
+on local disk.
+
+Tiering: ``put`` writes to the host tier; what it evicts spills to the disk tier when one is
+configured, and is dropped otherwise. A missing key is a miss: the caller recomputes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,159 +33,157 @@ from pathlib import Path
 class TierStats:
     stored_blocks: int = 0
     stored_bytes: int = 0
-    hits: int = 0
-    misses: int = 0
     evicted_blocks: int = 0
     evicted_bytes: int = 0
     spilled_blocks: int = 0
+    failed_writes: int = 0
 
 
-class HostPool:
-    """An LRU map of key -> bytes bounded by total bytes."""
+class FileTier:
+    """Files under one folder, bounded by total bytes, LRU by write order.
 
-    def __init__(self, capacity_bytes: int) -> None:
+    The writing process keeps the accounting (``put``/``discard``); any process may call
+    ``exists``/``claim`` on its own instance over the same folder."""
+
+    def __init__(self, root: Path, capacity_bytes: int, spill_to: FileTier | None = None) -> None:
         if capacity_bytes < 0:
             raise ValueError("capacity_bytes must be >= 0")
-        self.capacity_bytes = capacity_bytes
-        self._entries: OrderedDict[str, bytes] = OrderedDict()
-        self.used_bytes = 0
-        self.stats = TierStats()
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._entries
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def put(self, key: str, data: bytes) -> list[tuple[str, bytes]]:
-        """Store ``data``; return the entries evicted to make room (oldest first).
-
-        An entry larger than the whole pool is not stored (it is returned as evicted).
-        """
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self.used_bytes -= len(old)
-        if len(data) > self.capacity_bytes:
-            return [(key, data)]
-        evicted: list[tuple[str, bytes]] = []
-        while self.used_bytes + len(data) > self.capacity_bytes:
-            k, v = self._entries.popitem(last=False)
-            self.used_bytes -= len(v)
-            self.stats.evicted_blocks += 1
-            self.stats.evicted_bytes += len(v)
-            evicted.append((k, v))
-        self._entries[key] = data
-        self.used_bytes += len(data)
-        self.stats.stored_blocks += 1
-        self.stats.stored_bytes += len(data)
-        return evicted
-
-    def get(self, key: str) -> bytes | None:
-        data = self._entries.get(key)
-        if data is None:
-            self.stats.misses += 1
-            return None
-        self._entries.move_to_end(key)
-        self.stats.hits += 1
-        return data
-
-    def discard(self, key: str) -> None:
-        data = self._entries.pop(key, None)
-        if data is not None:
-            self.used_bytes -= len(data)
-
-
-class DiskTier:
-    """Files under one folder, bounded by total bytes, LRU by access (kept in memory)."""
-
-    def __init__(self, root: Path, capacity_bytes: int) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._sizes: OrderedDict[str, int] = OrderedDict()
+        self.claims = self.root / "claims"
+        self.claims.mkdir(parents=True, exist_ok=True)
         self.capacity_bytes = capacity_bytes
+        self.spill_to = spill_to
+        self._sizes: OrderedDict[str, int] = OrderedDict()
         self.used_bytes = 0
         self.stats = TierStats()
 
-    def _path(self, key: str) -> Path:
+    def path(self, key: str) -> Path:
         return self.root / hashlib.sha256(key.encode()).hexdigest()
 
     def __contains__(self, key: str) -> bool:
         return key in self._sizes
 
-    def put(self, key: str, data: bytes) -> None:
-        if len(data) > self.capacity_bytes:
-            return
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def keys(self) -> Iterator[str]:
+        return iter(self._sizes)
+
+    # -- writer side ------------------------------------------------------------------
+
+    def put(self, key: str, data: bytes) -> bool:
+        """Store ``data`` (evicting the oldest entries to make room); ``False`` if it could
+        not be stored (larger than the tier, or the filesystem refused the write)."""
         self.discard(key)
+        if len(data) > self.capacity_bytes:
+            return False
         while self.used_bytes + len(data) > self.capacity_bytes:
-            k, size = self._sizes.popitem(last=False)
-            self._path(k).unlink(missing_ok=True)
-            self.used_bytes -= size
-            self.stats.evicted_blocks += 1
-            self.stats.evicted_bytes += size
-        self._path(key).write_bytes(data)
+            self._evict_oldest()
+        tmp = self.root / f".{self.path(key).name}.tmp"
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, self.path(key))  # a new file: a claim on the old one keeps its bytes
+        except OSError:  # e.g. a full /dev/shm: a miss later, the request recomputes
+            with suppress(OSError):
+                tmp.unlink()
+            self.stats.failed_writes += 1
+            return False
         self._sizes[key] = len(data)
         self.used_bytes += len(data)
         self.stats.stored_blocks += 1
         self.stats.stored_bytes += len(data)
+        return True
 
-    def get(self, key: str) -> bytes | None:
-        if key not in self._sizes:
-            self.stats.misses += 1
-            return None
+    def adopt(self, key: str, src: Path) -> bool:
+        """Take over ``src`` (another tier's file) as ``key``'s entry."""
+        size = src.stat().st_size
+        self.discard(key)
+        if size > self.capacity_bytes:
+            return False
+        while self.used_bytes + size > self.capacity_bytes:
+            self._evict_oldest()
         try:
-            data = self._path(key).read_bytes()
-        except FileNotFoundError:  # removed behind our back: a miss, never an error
-            self.used_bytes -= self._sizes.pop(key)
-            self.stats.misses += 1
-            return None
-        self._sizes.move_to_end(key)
-        self.stats.hits += 1
-        return data
+            shutil.move(src, self.path(key))
+        except OSError:
+            self.stats.failed_writes += 1
+            return False
+        self._sizes[key] = size
+        self.used_bytes += size
+        self.stats.stored_blocks += 1
+        return True
+
+    def _evict_oldest(self) -> None:
+        key, size = self._sizes.popitem(last=False)
+        self.used_bytes -= size
+        self.stats.evicted_blocks += 1
+        self.stats.evicted_bytes += size
+        path = self.path(key)
+        if self.spill_to is not None and path.exists():
+            self.stats.spilled_blocks += 1
+            if self.spill_to.adopt(key, path):
+                return
+        path.unlink(missing_ok=True)
 
     def discard(self, key: str) -> None:
         size = self._sizes.pop(key, None)
         if size is not None:
-            self._path(key).unlink(missing_ok=True)
+            self.path(key).unlink(missing_ok=True)
             self.used_bytes -= size
+
+    # -- any process ------------------------------------------------------------------
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    def claim(self, key: str, tag: str) -> Path | None:
+        """A hard link to ``key``'s file that outlives its eviction; ``None`` if absent."""
+        link = self.claims / f"{self.path(key).name}.{tag}"
+        try:
+            os.link(self.path(key), link)
+        except FileExistsError:
+            return link
+        except OSError:
+            return None
+        return link
 
 
 class TieredStore:
-    """Host memory first, disk behind it (optional)."""
+    """The host tier first, the disk tier behind it (optional)."""
 
-    def __init__(self, host: HostPool, disk: DiskTier | None = None) -> None:
+    def __init__(self, host: FileTier, disk: FileTier | None = None) -> None:
         self.host = host
         self.disk = disk
+        host.spill_to = disk
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.host or (self.disk is not None and key in self.disk)
+    def tiers(self) -> list[FileTier]:
+        return [self.host] if self.disk is None else [self.host, self.disk]
 
-    def put(self, key: str, data: bytes) -> None:
-        for k, v in self.host.put(key, data):
-            if self.disk is not None:
-                self.disk.put(k, v)
-                self.host.stats.spilled_blocks += 1
+    def put(self, key: str, data: bytes) -> bool:
+        if self.disk is not None:
+            self.disk.discard(key)  # a newer copy supersedes a spilled one
+        return self.host.put(key, data)
 
-    def get(self, key: str) -> bytes | None:
-        data = self.host.get(key)
-        if data is not None or self.disk is None:
-            return data
-        data = self.disk.get(key)
-        if data is not None:
-            self.disk.discard(key)
-            self.put(key, data)  # promote; may spill colder entries
-        return data
+    def exists(self, key: str) -> bool:
+        return any(t.exists(key) for t in self.tiers())
 
-    def matched_prefix(self, keys: list[str]) -> int:
-        """How many of ``keys`` (a request's block chain, in order) are stored, from the start."""
-        n = 0
+    def claim(self, key: str, tag: str) -> Path | None:
+        for t in self.tiers():
+            link = t.claim(key, tag)
+            if link is not None:
+                return link
+        return None
+
+    def claimed_prefix(self, keys: list[str], tag: str) -> list[Path]:
+        """Claims on the leading ``keys`` (a request's blocks, in order) that are stored."""
+        out: list[Path] = []
         for k in keys:
-            if k not in self:
+            link = self.claim(k, tag)
+            if link is None:
                 break
-            n += 1
-        return n
+            out.append(link)
+        return out
 
     def discard(self, key: str) -> None:
         """Drop ``key`` from every tier (a finished request's blocks)."""
-        self.host.discard(key)
-        if self.disk is not None:
-            self.disk.discard(key)
+        for t in self.tiers():
+            t.discard(key)

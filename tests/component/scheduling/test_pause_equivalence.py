@@ -110,7 +110,9 @@ async def test_greedy_output_is_identical_with_and_without_pauses(tiny_model, ad
 async def test_paused_requests_come_back_from_the_offload_tiers(tiny_model, adapters):
     """Prefix caching off, so a resumed request's KV can only come from our connector's tiers
     or be recomputed: with room in host memory every resume restores blocks; with a pool of
-    about one block (spilling nowhere) resumes fall back to recompute. Greedy text never changes."""
+    about one block (spilling nowhere) resumes fall back to recompute. Greedy text never changes.
+    Served configuration: vLLM's engine core in its own process and, on the CPU, the worker in
+    another (the connector's two halves share only the tier folders)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     def counters(text: str) -> dict[str, float]:
@@ -130,7 +132,7 @@ async def test_paused_requests_come_back_from_the_offload_tiers(tiny_model, adap
     for label, policy, host_bytes in (("fcfs", "fcfs", 0), ("offload", "tokenflow", 64 << 20),
                                       ("evicting", "tokenflow", block_bytes)):
         config = _config(tiny_model, policy).model_copy(update={
-            "prefix_caching": False, "kv_offload_host_bytes": host_bytes})
+            "prefix_caching": False, "kv_offload_host_bytes": host_bytes, "multiprocessing": True})
         engine = VLLMEngine(config)
         await engine.start()
         order: list[str] = []
@@ -152,3 +154,4 @@ async def test_paused_requests_come_back_from_the_offload_tiers(tiny_model, adap
     assert off["blocks/out"] > 0 and off["blocks/in"] > 0 and off["resumes/restored"] >= 3
     assert off["bytes/in"] > 0 and off["bytes/out"] >= off["bytes/in"]
     assert ev["blocks/out"] > 0 and ev.get("blocks/in", 0) < off["blocks/in"]
+    assert ev.get("resumes/recomputed", 0) > 0

@@ -1,69 +1,109 @@
-"""KV tiers: bounded bytes, LRU eviction, spill to disk, promotion, misses fall back."""
+"""KV tiers: folders bounded by bytes, LRU eviction, spill to disk, claims that outlive
+eviction, and a second process's view (exists/claim) of what the writer stored."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lorafleet.serving.kvcache import DiskTier, HostPool, TieredStore
+from lorafleet.serving.kvcache import FileTier, TieredStore
 
 
-def test_host_pool_evicts_least_recently_used_within_its_bytes():
-    pool = HostPool(capacity_bytes=10)
-    assert pool.put("a", b"1234") == []
-    assert pool.put("b", b"1234") == []
-    assert pool.get("a") == b"1234"  # a is now the most recent
-    evicted = pool.put("c", b"1234")
-    assert evicted == [("b", b"1234")]
-    assert "b" not in pool and pool.used_bytes == 8
-    assert pool.get("b") is None and pool.stats.misses == 1
-    assert pool.put("huge", b"x" * 11) == [("huge", b"x" * 11)]  # never stored
-    assert "huge" not in pool
+def test_file_tier_evicts_the_oldest_within_its_bytes(tmp_path):
+    tier = FileTier(tmp_path / "host", capacity_bytes=10)
+    assert tier.put("a", b"1234") and tier.put("b", b"1234")
+    assert tier.put("c", b"1234")  # a is the oldest: evicted
+    assert "a" not in tier and not tier.exists("a") and tier.exists("b")
+    assert tier.used_bytes == 8 and tier.stats.evicted_blocks == 1
+    assert not tier.put("huge", b"x" * 11) and not tier.exists("huge")  # never stored
 
 
-def test_tiered_store_spills_to_disk_and_promotes_back(tmp_path):
-    store = TieredStore(HostPool(8), DiskTier(tmp_path, capacity_bytes=8))
-    store.put("a", b"aaaa")
-    store.put("b", b"bbbb")
-    store.put("c", b"cccc")  # a spills to disk
-    assert "a" not in store.host and "a" in store.disk and "a" in store
-    assert store.get("a") == b"aaaa"  # promoted; b spills
-    assert "a" in store.host and "b" in store.disk
+def test_a_second_view_of_the_folder_sees_and_claims_what_the_writer_stored(tmp_path):
+    writer = FileTier(tmp_path / "host", capacity_bytes=8)
+    reader = FileTier(tmp_path / "host", capacity_bytes=8)  # another process's instance
+    writer.put("k", b"kkkk")
+    assert reader.exists("k") and "k" not in reader  # no accounting on the reader's side
+    claim = reader.claim("k", "r1")
+    assert claim is not None and claim.read_bytes() == b"kkkk"
+    writer.put("k", b"KKKK")  # rewritten after the claim: the claim keeps the old bytes
+    writer.put("x", b"xxxx")
+    writer.put("y", b"yyyy")  # ... and evicted
+    assert not reader.exists("k") and claim.read_bytes() == b"kkkk"
+    assert reader.claim("k", "r2") is None
+
+
+def test_tiered_store_spills_to_disk_and_claims_from_either_tier(tmp_path):
+    store = TieredStore(FileTier(tmp_path / "host", 8), FileTier(tmp_path / "disk", 8))
+    for k in "abc":
+        store.put(k, k.encode() * 4)  # a spills to disk
+    assert not store.host.exists("a") and store.disk is not None and store.disk.exists("a")
+    claims = store.claimed_prefix(["a", "b", "c", "z"], "t")
+    assert [c.read_bytes() for c in claims] == [b"aaaa", b"bbbb", b"cccc"]
     store.put("d", b"dddd")
-    store.put("e", b"eeee")  # disk is full too: the oldest on disk is gone for good
-    assert store.get("b") is None or store.get("b") == b"bbbb"
+    store.put("e", b"eeee")  # disk full too: the oldest on disk is gone for good
     assert store.host.used_bytes <= 8 and store.disk.used_bytes <= 8
+    assert not store.exists("a") and claims[0].read_bytes() == b"aaaa"
+    store.put("c", b"CCCC")  # a newer copy supersedes any spilled one
+    assert store.exists("c") and not store.disk.exists("c")
 
 
-def test_disk_file_removed_behind_our_back_is_a_miss(tmp_path):
-    disk = DiskTier(tmp_path, 100)
-    disk.put("k", b"v")
-    for f in tmp_path.iterdir():
-        f.unlink()
-    assert disk.get("k") is None and "k" not in disk and disk.used_bytes == 0
-
-
-def test_matched_prefix_stops_at_the_first_missing_block():
-    store = TieredStore(HostPool(100))
+def test_claimed_prefix_stops_at_the_first_missing_block(tmp_path):
+    store = TieredStore(FileTier(tmp_path / "host", 100))
     for k in ("h0", "h1", "h3"):
         store.put(k, b"x")
-    assert store.matched_prefix(["h0", "h1", "h2", "h3"]) == 2
-    assert store.matched_prefix(["z"]) == 0
+    assert len(store.claimed_prefix(["h0", "h1", "h2", "h3"], "t")) == 2
+    assert store.claimed_prefix(["z"], "t") == []
 
 
-@given(st.lists(st.tuples(st.sampled_from("abcdefgh"), st.integers(0, 12)), max_size=60),
+def test_a_refused_write_is_a_miss_not_an_error(tmp_path, monkeypatch):
+    import errno
+
+    tier = FileTier(tmp_path / "host", 100)
+    assert tier.put("old", b"v")
+
+    def full(self: Path, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")  # e.g. a full /dev/shm
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    assert not tier.put("k", b"v") and not tier.exists("k") and tier.stats.failed_writes == 1
+    assert tier.exists("old") and not list(tier.root.glob(".*.tmp"))
+
+
+@given(st.lists(st.tuples(st.sampled_from("abcdefgh"), st.integers(0, 12)), max_size=40),
        st.integers(0, 30))
-@settings(max_examples=200, deadline=None)
-def test_host_pool_never_exceeds_capacity_and_returns_what_it_kept(ops, cap):
-    pool = HostPool(cap)
+@settings(max_examples=60, deadline=None)
+def test_file_tier_never_exceeds_capacity_and_keeps_the_newest(tmp_path_factory, ops, cap):
+    tier = FileTier(tmp_path_factory.mktemp("tier"), cap)
     model: dict[str, bytes] = {}
     for key, size in ops:
         data = key.encode() * size
-        for k, _ in pool.put(key, data):
-            model.pop(k, None)
-        if len(data) <= cap:
+        model.pop(key, None)
+        if tier.put(key, data):
             model[key] = data
-        assert pool.used_bytes <= cap
-        assert pool.used_bytes == sum(len(v) for v in model.values())
+        while sum(len(v) for v in model.values()) > cap:  # the oldest go first
+            model.pop(next(iter(model)))
+        assert tier.used_bytes <= cap
+        assert set(tier.keys()) == set(model)
     for k, v in model.items():
-        assert pool.get(k) == v
+        assert tier.path(k).read_bytes() == v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_block_round_trips_through_bytes_in_every_kv_dtype(dtype):
+    from lorafleet.serving.kvcache.connector import block_to_bytes, bytes_to_block
+
+    # Two layers of a paged cache: [blocks, 2 (k/v), block_size, heads, head_dim].
+    layers = [torch.randn(5, 2, 4, 3, 8).to(dtype) for _ in range(2)]
+    data = block_to_bytes(layers, 3)
+    assert len(data) == 2 * layers[0][3].numel() * layers[0].element_size()
+    expected = [layer[3].clone() for layer in layers]
+    others = [layer[2].clone() for layer in layers]
+    for layer in layers:
+        layer[3].zero_()
+    bytes_to_block(layers, 3, data)
+    for layer, want, other in zip(layers, expected, others, strict=True):
+        assert torch.equal(layer[3], want) and torch.equal(layer[2], other)
