@@ -41,7 +41,7 @@ prepare: venv
 	$(BIN)/lorafleet prepare --data-dir $(DATA_DIR)
 
 run: venv
-	$(BIN)/lorafleet serve --data-dir $(DATA_DIR)
+	$(BIN)/lorafleet serve --data-dir $(DATA_DIR) $(ARGS)
 
 test: venv system-deps
 	$(BIN)/ruff check serving adapters loadtest operator tests

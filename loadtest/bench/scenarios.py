@@ -46,6 +46,8 @@ class Scenario:
     max_cpu_loras: int = 32
     max_num_seqs: int = 64
     """Batch slots of every system (vLLM's ``--max-num-seqs``, the same for all)."""
+    kv_cache_mib: int = 2048
+    """KV cache of every system (the same for all)."""
     mixed_adapters: bool = False
     """Adapters of mixed ranks and targets (:data:`MIXED_SHAPES`) instead of uniform rank 8."""
     headline: tuple[str, ...] = field(default=("output tok/s", "TTFT p50 s", "TPOT p50 s"))
@@ -120,8 +122,10 @@ def burst(quick: bool) -> Scenario:
     12 requests in 2 s, more than the batch holds. Readers take ~3 tokens/s (a person reading
     or listening), slower than the engine streams to each client, so running streams build up
     buffers: what TokenFlow can pause for the burst's newcomers (their first token is what they
-    wait for). Every system's batch is capped at 8 sequences, as KV memory caps a GPU server's
-    batch: without a cap nothing ever waits on our CPU and no scheduler can make a difference.
+    wait for). Every system's batch is capped at 8 sequences and its KV cache at 96 MiB (~2,100
+    tokens of SmolLM2 in fp32: the 8 running streams plus little room for what paused ones
+    leave in vLLM's prefix cache), as memory caps a GPU server's batch: without a cap nothing
+    ever waits on our CPU and no scheduler can make a difference.
     (Session 2 measured a heavier variant, 0.4 req/s plus bursts every 20 s with 96-160 tokens:
     ~1.8x the capacity all run long, not a burst; see docs/scheduling.md.)"""
     duration, bursts = (45, 2) if quick else (95, 3)
@@ -149,6 +153,7 @@ def burst(quick: bool) -> Scenario:
         adapters=adapter_names(2),
         phases=(Phase("burst", wl),),
         max_num_seqs=8,
+        kv_cache_mib=96,
         headline=("TTFT p99 s", "effective tok/s", "stall s total", "stalled requests",
                   "SLO attainment", "output tok/s"),
     )

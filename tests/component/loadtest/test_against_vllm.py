@@ -27,7 +27,7 @@ def vllm_server(tmp_path_factory):
     port = servers.free_port()
     opts = servers.VLLMOptions(model_dir=Path(model), served_model_name="tiny", adapters={},
                                max_loras=1, max_lora_rank=8, max_cpu_loras=1,
-                               max_model_len=512, kv_cache_gib=1)
+                               max_model_len=512, kv_cache_mib=1024)
     cmd, env = servers.vllm_command(opts, port)
     env["VLLM_CACHE_ROOT"] = str(tmp / "cache")
     with servers.running("vllm", cmd, env, port, tmp / "vllm.log", 150) as srv:

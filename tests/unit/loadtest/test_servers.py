@@ -27,7 +27,7 @@ def _flags(cmd: list[str]) -> dict[str, str]:
 def test_both_systems_get_the_same_engine_knobs(tmp_path: Path) -> None:
     common = dict(
         model_dir=tmp_path / "m", served_model_name="M", max_loras=8, max_lora_rank=8,
-        max_cpu_loras=32, max_model_len=1024, kv_cache_gib=2, max_num_seqs=48, reserved_cpus=1,
+        max_cpu_loras=32, max_model_len=1024, kv_cache_mib=96, max_num_seqs=48, reserved_cpus=1,
     )
     vcmd, venv = servers.vllm_command(servers.VLLMOptions(adapters={}, **common), 1)
     lcmd, lenv = servers.lorafleet_command(
@@ -38,8 +38,9 @@ def test_both_systems_get_the_same_engine_knobs(tmp_path: Path) -> None:
                  "--max-num-seqs", "--dtype", "--served-model-name"):
         assert v[flag] == lf[flag], flag
     assert v["--dtype"] != "auto"  # explicit, so both resolve it the same way
-    # KV cache: a flag for LoRAFleet, the environment for stock vLLM on CPU.
-    assert float(lf["--kv-cache-gib"]) == float(venv["VLLM_CPU_KVCACHE_SPACE"]) == 2
+    # KV cache: the same bytes for both (not vLLM's whole-GiB CPU environment variable).
+    assert float(lf["--kv-cache-gib"]) * 2**30 == int(v["--kv-cache-memory-bytes"]) == 96 * 2**20
+    assert "VLLM_CPU_KVCACHE_SPACE" not in venv
     assert venv["VLLM_CPU_NUM_OF_RESERVED_CPU"] == lenv["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
     assert lf["--no-demo"] == ""
 
