@@ -121,7 +121,7 @@ def run_system(
                 adapters={n: warm_dir / n for n in sc.adapters},
                 max_loras=sc.max_loras, max_lora_rank=max_lora_rank(sc),
                 max_cpu_loras=sc.max_cpu_loras, reserved_cpus=reserved_cpus,
-                max_num_seqs=sc.max_num_seqs, kv_cache_mib=sc.kv_cache_mib,
+                max_num_seqs=sc.max_num_seqs, kv_cache_mib=sc.kv_cache_mib, max_model_len=sc.max_model_len,
                 resolver_dir=servers.resolver_view(
                     cold_dir, sc.cold_adapters, model_dir, out_dir / "vllm-resolver"
                 ) if sc.cold_adapters else None,
@@ -137,7 +137,7 @@ def run_system(
             model_dir=model_dir, served_model_name=MODEL, data_dir=out_dir / f"{system}-data",
             admin_key=admin_key, max_loras=sc.max_loras, max_lora_rank=max_lora_rank(sc),
             max_cpu_loras=sc.max_cpu_loras, reserved_cpus=reserved_cpus,
-            max_num_seqs=sc.max_num_seqs, kv_cache_mib=sc.kv_cache_mib,
+            max_num_seqs=sc.max_num_seqs, kv_cache_mib=sc.kv_cache_mib, max_model_len=sc.max_model_len,
             scheduling_policy="tokenflow" if system == "lorafleet-tokenflow" else "fcfs",
             stock_lora_ops=system == "lorafleet-stockops",
         )
