@@ -114,14 +114,17 @@ def run_system(
     target = f"http://{servers.HOST}:{port}/v1"
     t0 = time.monotonic()
     extra: dict[str, Any] = {}
+    # The engine knobs both systems get (servers.EngineKnobs), so a comparison is like for like.
+    knobs: dict[str, Any] = dict(
+        model_dir=model_dir, served_model_name=MODEL, max_loras=sc.max_loras,
+        max_lora_rank=max_lora_rank(sc), max_cpu_loras=sc.max_cpu_loras,
+        reserved_cpus=reserved_cpus, max_num_seqs=sc.max_num_seqs,
+        kv_cache_mib=sc.kv_cache_mib, max_model_len=sc.max_model_len,
+    )
     if system == "vllm":
         cmd, env = servers.vllm_command(
             servers.VLLMOptions(
-                model_dir=model_dir, served_model_name=MODEL,
-                adapters={n: warm_dir / n for n in sc.adapters},
-                max_loras=sc.max_loras, max_lora_rank=max_lora_rank(sc),
-                max_cpu_loras=sc.max_cpu_loras, reserved_cpus=reserved_cpus,
-                max_num_seqs=sc.max_num_seqs, kv_cache_mib=sc.kv_cache_mib, max_model_len=sc.max_model_len,
+                **knobs, adapters={n: warm_dir / n for n in sc.adapters},
                 resolver_dir=servers.resolver_view(
                     cold_dir, sc.cold_adapters, model_dir, out_dir / "vllm-resolver"
                 ) if sc.cold_adapters else None,
@@ -134,10 +137,7 @@ def run_system(
     elif system.startswith("lorafleet"):
         admin_key = "bench-" + secrets.token_hex(8)
         opts = servers.LoRAFleetOptions(
-            model_dir=model_dir, served_model_name=MODEL, data_dir=out_dir / f"{system}-data",
-            admin_key=admin_key, max_loras=sc.max_loras, max_lora_rank=max_lora_rank(sc),
-            max_cpu_loras=sc.max_cpu_loras, reserved_cpus=reserved_cpus,
-            max_num_seqs=sc.max_num_seqs, kv_cache_mib=sc.kv_cache_mib, max_model_len=sc.max_model_len,
+            **knobs, data_dir=out_dir / f"{system}-data", admin_key=admin_key,
             scheduling_policy="tokenflow" if system == "lorafleet-tokenflow" else "fcfs",
             stock_lora_ops=system == "lorafleet-stockops",
         )
@@ -165,18 +165,17 @@ def run_system(
             "reserved_cpus": reserved_cpus, "phases": phases, **extra}
 
 
-COUNTER_PREFIXES = ("lorafleet_scheduler_", "lorafleet_kv_offload_")
-
-
 def server_counters(text: str) -> dict[str, float]:
     """LoRAFleet's scheduler and KV-offload counters from a /metrics page, summed over
     replicas: ``name`` or ``name{label=value}`` (one label: direction, result, action)."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    from lorafleet.serving.scheduling.metrics import PREFIXES
+
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if not sample.name.startswith(COUNTER_PREFIXES) or not sample.name.endswith("_total"):
+            if not sample.name.startswith(PREFIXES) or not sample.name.endswith("_total"):
                 continue
             labels = {k: v for k, v in sample.labels.items() if k in ("direction", "result", "action")}
             key = sample.name.removesuffix("_total") + "".join(

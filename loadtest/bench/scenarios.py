@@ -130,7 +130,7 @@ def burst(quick: bool) -> Scenario:
     matters: vLLM's prefix cache still held 395 of 396 paused streams' blocks at resume.)
     (Session 2 measured a heavier variant, 0.4 req/s plus bursts every 20 s with 96-160 tokens:
     ~1.8x the capacity all run long, not a burst; see docs/scheduling.md.)"""
-    duration, bursts = (45, 2) if quick else (95, 3)
+    duration, period = (45, 20.0) if quick else (95, 30.0)  # 2 bursts, or 3
     wl = _workload(
         name="burst",
         seed=7,
@@ -141,7 +141,7 @@ def burst(quick: bool) -> Scenario:
         models={"popularity": {"kind": "zipf", "s": 1.1},
                 "entries": [{"model": MODEL}, {"model": "a00"}, {"model": "a01"}]},
         arrival={"kind": "bursts", "base_rate": 0.15, "burst_rate": 6.0,
-                 "burst_duration_s": 2.0, "period_s": 30.0 if bursts == 3 else 20.0,
+                 "burst_duration_s": 2.0, "period_s": period,
                  "first_burst_s": 5.0},
         prompts={"words": {"dist": "uniform", "low": 8, "high": 24}},
         max_tokens={"dist": "uniform", "low": 64, "high": 128},

@@ -56,6 +56,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from ..scheduling.metrics import offload_metrics
 from .tiers import FileTier, TieredStore
 
 if TYPE_CHECKING:
@@ -105,18 +106,6 @@ def bytes_to_block(layers: list[torch.Tensor], block: int, data: bytes) -> None:
     blob = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(layers[0].dtype).view(shape)
     for layer, values in zip(layers, blob, strict=True):
         layer[block].copy_(values)
-
-
-_metrics: Any = None
-
-
-def _offload_metrics() -> Any:
-    global _metrics
-    if _metrics is None:
-        from ..scheduling.metrics import OffloadMetrics
-
-        _metrics = OffloadMetrics()
-    return _metrics
 
 
 @dataclass
@@ -171,8 +160,8 @@ class PauseOffloadConnector(KVConnectorBase_V1):
         self._drop_claims(request.request_id)
         self._pending_saves.append(Transfer(request.request_id, list(block_ids[:full]), 0))
         self._saved[request.request_id] = max(full, self._saved.get(request.request_id, 0))
-        _offload_metrics().blocks.labels("out").inc(full)
-        _offload_metrics().bytes.labels("out").inc(full * self._block_bytes)
+        offload_metrics().blocks.labels("out").inc(full)
+        offload_metrics().bytes.labels("out").inc(full * self._block_bytes)
         return full
 
     def has_pending_saves(self) -> bool:
@@ -196,7 +185,7 @@ class PauseOffloadConnector(KVConnectorBase_V1):
         usable = len(claims) * self._block_size
         if usable <= num_computed_tokens:
             # vLLM's prefix cache still had them (or the tiers lost the first block).
-            _offload_metrics().resumes.labels("cached" if num_computed_tokens else "recomputed").inc()
+            offload_metrics().resumes.labels("cached" if num_computed_tokens else "recomputed").inc()
             self._drop_claims(rid)
             return 0, False
         return usable - num_computed_tokens, False
@@ -215,9 +204,9 @@ class PauseOffloadConnector(KVConnectorBase_V1):
         self._pending_loads[rid] = Transfer(
             rid, list(block_ids[first : first + count]), first,
             [str(c) for c in claims[first : first + count]])
-        _offload_metrics().blocks.labels("in").inc(count)
-        _offload_metrics().bytes.labels("in").inc(count * self._block_bytes)
-        _offload_metrics().resumes.labels("restored").inc()
+        offload_metrics().blocks.labels("in").inc(count)
+        offload_metrics().bytes.labels("in").inc(count * self._block_bytes)
+        offload_metrics().resumes.labels("restored").inc()
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = PauseOffloadMetadata(saves=self._pending_saves, loads=list(self._pending_loads.values()),

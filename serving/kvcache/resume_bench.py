@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -23,8 +25,6 @@ from pathlib import Path
 
 def measure_restore(layers: int, kv_heads: int, head_dim: int, tokens: int, block_size: int = 32,
                     repeats: int = 5) -> dict[str, float]:
-    import tempfile
-
     import torch
 
     from .connector import block_to_bytes, bytes_to_block, open_store
@@ -34,28 +34,25 @@ def measure_restore(layers: int, kv_heads: int, head_dim: int, tokens: int, bloc
     src = list(range(n_blocks))
     dst = list(range(n_blocks, 2 * n_blocks))
     offload, restore = [], []
-    with tempfile.TemporaryDirectory(prefix="resume-bench-") as scratch:
-        store = open_store(Path(scratch).name, {"host_bytes": 4 * 2**30})
-        try:
-            for r in range(repeats):
-                t0 = time.perf_counter()
-                for i, b in enumerate(src):
-                    store.put(f"req/{r}/{i}", block_to_bytes(cache, b))
-                offload.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                claims = store.claimed_prefix([f"req/{r}/{i}" for i in range(n_blocks)], "bench")
-                assert len(claims) == n_blocks
-                for b, claim in zip(dst, claims, strict=True):
-                    bytes_to_block(cache, b, claim.read_bytes())
-                    claim.unlink()
-                restore.append(time.perf_counter() - t0)
-                assert all(torch.equal(layer[s], layer[d])
-                           for layer in cache for s, d in zip(src, dst, strict=True))
-            used = store.host.used_bytes
-        finally:
-            import shutil
-
-            shutil.rmtree(store.host.root, ignore_errors=True)
+    store = open_store(f"resume-bench-{os.getpid()}", {"host_bytes": 4 * 2**30})
+    try:
+        for r in range(repeats):
+            t0 = time.perf_counter()
+            for i, b in enumerate(src):
+                store.put(f"req/{r}/{i}", block_to_bytes(cache, b))
+            offload.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            claims = store.claimed_prefix([f"req/{r}/{i}" for i in range(n_blocks)], "bench")
+            assert len(claims) == n_blocks
+            for b, claim in zip(dst, claims, strict=True):
+                bytes_to_block(cache, b, claim.read_bytes())
+                claim.unlink()
+            restore.append(time.perf_counter() - t0)
+            assert all(torch.equal(layer[s], layer[d])
+                       for layer in cache for s, d in zip(src, dst, strict=True))
+        used = store.host.used_bytes
+    finally:
+        shutil.rmtree(store.host.root, ignore_errors=True)
     return {"offload_s": statistics.median(offload), "restore_s": statistics.median(restore),
             "bytes": used / repeats}
 

@@ -23,19 +23,14 @@ import hashlib
 import os
 import shutil
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import suppress
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 
 @dataclass
 class TierStats:
-    stored_blocks: int = 0
-    stored_bytes: int = 0
     evicted_blocks: int = 0
-    evicted_bytes: int = 0
-    spilled_blocks: int = 0
     failed_writes: int = 0
 
 
@@ -63,9 +58,6 @@ class FileTier:
     def __contains__(self, key: str) -> bool:
         return key in self._sizes
 
-    def __len__(self) -> int:
-        return len(self._sizes)
-
     def keys(self) -> Iterator[str]:
         return iter(self._sizes)
 
@@ -74,54 +66,44 @@ class FileTier:
     def put(self, key: str, data: bytes) -> bool:
         """Store ``data`` (evicting the oldest entries to make room); ``False`` if it could
         not be stored (larger than the tier, or the filesystem refused the write)."""
-        self.discard(key)
-        if len(data) > self.capacity_bytes:
-            return False
-        while self.used_bytes + len(data) > self.capacity_bytes:
-            self._evict_oldest()
-        tmp = self.root / f".{self.path(key).name}.tmp"
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, self.path(key))  # a new file: a claim on the old one keeps its bytes
-        except OSError:  # e.g. a full /dev/shm: a miss later, the request recomputes
-            with suppress(OSError):
-                tmp.unlink()
-            self.stats.failed_writes += 1
-            return False
-        self._sizes[key] = len(data)
-        self.used_bytes += len(data)
-        self.stats.stored_blocks += 1
-        self.stats.stored_bytes += len(data)
-        return True
+
+        def write(dest: Path) -> None:
+            tmp = self.root / f".{dest.name}.tmp"
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, dest)  # a new file: a claim on the old one keeps its bytes
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                raise
+
+        return self._store(key, len(data), write)
 
     def adopt(self, key: str, src: Path) -> bool:
         """Take over ``src`` (another tier's file) as ``key``'s entry."""
-        size = src.stat().st_size
+        return self._store(key, src.stat().st_size, lambda dest: shutil.move(src, dest))
+
+    def _store(self, key: str, size: int, write: Callable[[Path], object]) -> bool:
         self.discard(key)
         if size > self.capacity_bytes:
             return False
         while self.used_bytes + size > self.capacity_bytes:
             self._evict_oldest()
         try:
-            shutil.move(src, self.path(key))
-        except OSError:
+            write(self.path(key))
+        except OSError:  # e.g. a full /dev/shm: a miss later, the request recomputes
             self.stats.failed_writes += 1
             return False
         self._sizes[key] = size
         self.used_bytes += size
-        self.stats.stored_blocks += 1
         return True
 
     def _evict_oldest(self) -> None:
         key, size = self._sizes.popitem(last=False)
         self.used_bytes -= size
         self.stats.evicted_blocks += 1
-        self.stats.evicted_bytes += size
         path = self.path(key)
-        if self.spill_to is not None and path.exists():
-            self.stats.spilled_blocks += 1
-            if self.spill_to.adopt(key, path):
-                return
+        if self.spill_to is not None and path.exists() and self.spill_to.adopt(key, path):
+            return
         path.unlink(missing_ok=True)
 
     def discard(self, key: str) -> None:

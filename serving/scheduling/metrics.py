@@ -10,6 +10,7 @@ ingress's ``/metrics`` (``serving/metrics.py``).
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -59,6 +60,18 @@ class OffloadMetrics:
             "Resumes of offloaded requests: restored from the tiers, or recomputed (evicted).",
             ["result"], registry=r,
         )
+
+
+@functools.cache
+def scheduler_metrics() -> SchedulerMetrics:
+    """This process's one set (a second engine in the process must not re-register them)."""
+    return SchedulerMetrics()
+
+
+@functools.cache
+def offload_metrics() -> OffloadMetrics:
+    """This process's one set of offload counters (see :func:`scheduler_metrics`)."""
+    return OffloadMetrics()
 
 
 def export_text(path: Path, registry: CollectorRegistry | None = None) -> None:

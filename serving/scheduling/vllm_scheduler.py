@@ -28,7 +28,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
 from .errors import UnsupportedVLLMVersion
-from .metrics import SchedulerMetrics, export_text
+from .metrics import export_text, scheduler_metrics
 from .model import Action, Capacity, RequestState, RequestView, TokenFlowParams
 from .policy import advance_reader, make_policy
 
@@ -38,17 +38,6 @@ SUPPORTED_VLLM = "0.32.0"
 SCHEDULER_CLS = "lorafleet.serving.scheduling.vllm_scheduler.TokenFlowScheduler"
 CONFIG_KEY = "lorafleet_scheduling"
 EXTRA_ARGS_KEY = "lorafleet"
-
-_metrics: SchedulerMetrics | None = None
-
-
-def _shared_metrics() -> SchedulerMetrics:
-    # One set per process: a second engine in the same process must not re-register them.
-    global _metrics
-    if _metrics is None:
-        _metrics = SchedulerMetrics()
-    return _metrics
-
 
 def check_vllm_version(version: str = vllm.__version__) -> None:
     if version != SUPPORTED_VLLM:
@@ -88,7 +77,7 @@ class TokenFlowScheduler(Scheduler):
         # Reader model per streaming request: (tokens paid for, at, tokens delivered).
         self._reader: dict[str, tuple[float, float, int]] = {}
         self._resumed_at: dict[str, float] = {}
-        self.metrics = _shared_metrics()
+        self.metrics = scheduler_metrics()
         self._metrics_path = Path(cfg["metrics_path"]) if cfg.get("metrics_path") else None
         self._exported_at = 0.0
         self._dirty = False  # a pause or resume since the last export
@@ -117,7 +106,8 @@ class TokenFlowScheduler(Scheduler):
             elif delivered > 0:
                 read, at, before = self._reader[rid]
                 if delivered > before:
-                    read, at = advance_reader(read, at, before, self._rate(req), now)
+                    rate = self._rate(request_extra(req))
+                    read, at = advance_reader(read, at, before, rate, now)
                     self._reader[rid] = (read, at, delivered)
             started = self._resumed_at.get(rid)
             if started is not None and req.num_computed_tokens >= req.num_tokens - 1:
@@ -167,8 +157,9 @@ class TokenFlowScheduler(Scheduler):
                   self._reader):
             d.pop(rid, None)
 
-    def _rate(self, req: Request) -> float:
-        return float(request_extra(req).get("consumption_rate") or self._default_rate)
+    def _rate(self, extra: dict[str, Any]) -> float:
+        """Tokens/s the request's client reads: declared, else the default."""
+        return float(extra.get("consumption_rate") or self._default_rate)
 
     def _view(self, req: Request, state: RequestState, now: float) -> RequestView:
         extra = request_extra(req)
@@ -182,7 +173,7 @@ class TokenFlowScheduler(Scheduler):
             max_tokens=req.max_tokens,
             generated_tokens=req.num_output_tokens,
             streaming=bool(extra.get("streaming", True)),
-            consumption_rate=self._rate(req),
+            consumption_rate=self._rate(extra),
             first_token_time=self._first_token_at.get(req.request_id),
             reader_tokens=read,
             reader_at=read_at,

@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import Any
 
 import yaml
-from localserve import free_port
+from localserve import free_port, stop_process
 
 
 class PromQueryError(RuntimeError):
@@ -111,12 +111,7 @@ class PromServer:
 
     def stop(self) -> None:
         if self._proc is not None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+            stop_process(self._proc)
             self._proc = None
             self._log.close()
         if self._dir is not None:
