@@ -272,6 +272,22 @@ def _engine_cores(server: Server) -> list[psutil.Process]:
     return cores
 
 
+def _replacement_report(server: Server, victim_pid: int) -> str:
+    """What a failed replacement looks like: engine processes, /health, the controller's words."""
+    try:
+        health: object = httpx.get(server.base_url + "/health", timeout=10).json()
+    except (httpx.HTTPError, ValueError) as e:
+        health = repr(e)
+    cores = [(c.pid, c.status()) for c in _engine_cores(server)]
+    lines = server.log.read_text(errors="replace").splitlines()
+    said = [ln[-300:] for ln in lines
+            if any(k in ln for k in ("controller", "Traceback", "Error", "EngineCore pid"))]
+    mem = psutil.virtual_memory()
+    return (f"victim {victim_pid}; engine cores now {cores}; /health {health}; "
+            f"memory available {mem.available / 2**30:.1f} GiB of {mem.total / 2**30:.1f}\n"
+            + "\n".join(said[-60:]))
+
+
 async def test_engine_replica_killed_mid_stream(fault_server: Server) -> None:
     s = fault_server
     cores = _engine_cores(s)
@@ -324,7 +340,9 @@ async def test_engine_replica_killed_mid_stream(fault_server: Server) -> None:
                 pass
         await asyncio.sleep(2)
     print(f"replica kill: replacement healthy after {recovered_s} s; new requests meanwhile: {window}")
-    assert recovered_s is not None, "Ray Serve did not bring the replica back"
+    assert recovered_s is not None, (
+        "Ray Serve did not bring the replica back\n" + _replacement_report(s, victim.pid)
+    )
     # Once healthy, every tenant and model works again (a request may still meet the old
     # replica's last moments in the router for a few seconds: retry briefly).
     async def eventually_ok(t: str, m: str) -> dict[str, Any]:
