@@ -34,8 +34,11 @@ def build_app(services: ApiServices) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, object]:
+        # A replica whose engine died still answers until Ray Serve replaces it: not counted.
         stats = await services.engines.replica_stats()
-        return {"status": "ok", "model": services.served_model_name, "replicas": len(stats)}
+        alive = sum(s.healthy for s in stats)
+        return {"status": "ok", "model": services.served_model_name, "replicas": alive,
+                "unhealthy_replicas": len(stats) - alive}
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:

@@ -81,6 +81,8 @@ class EngineStats:
     max_loras: int
     max_cpu_loras: int
     extra: dict[str, float] = field(default_factory=dict)
+    healthy: bool = True
+    """False once the replica's engine has died (the replica is about to be replaced)."""
 
 
 @runtime_checkable

@@ -241,6 +241,7 @@ class VLLMEngine:
             in_flight=self._in_flight,
             max_loras=self.config.max_loras,
             max_cpu_loras=self.config.max_cpu_loras,
+            healthy=self._llm is not None and not self._llm.errored,
         )
 
     async def shutdown(self) -> None:

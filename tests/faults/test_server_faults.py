@@ -320,6 +320,10 @@ async def test_engine_replica_killed_mid_stream(fault_server: Server) -> None:
             assert set(r["error"]) == {"message", "type", "param", "code"}
             assert r["error"]["type"] == "service_unavailable", r["error"]
     assert failed, "the kill hit no stream"
+    # /health is truthful at once: the dead engine's replica still answers Ray Serve, but
+    # is not counted as serving until it has been replaced.
+    h = httpx.get(s.base_url + "/health", timeout=30).json()
+    assert (h["replicas"], h["unhealthy_replicas"]) in ((1, 1), (1, 0)), h
     # Ray Serve replaces the replica: a new engine core, and both replicas serve again.
     recovered_s = None
     deadline = killed_at + 420
@@ -333,7 +337,8 @@ async def test_engine_replica_killed_mid_stream(fault_server: Server) -> None:
         if len(cores_now) == 2 and victim.pid not in {c.pid for c in cores_now}:
             try:
                 h = httpx.get(s.base_url + "/health", timeout=10)
-                if h.status_code == 200 and h.json()["replicas"] == 2:
+                if h.status_code == 200 and h.json()["replicas"] == 2 \
+                        and h.json()["unhealthy_replicas"] == 0:
                     recovered_s = time.monotonic() - killed_at
                     break
             except httpx.HTTPError:
