@@ -14,6 +14,7 @@ from rich.table import Table
 FIGURES: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("output tok/s", ("output_tokens_per_s",), True),
     ("effective tok/s", ("effective_tokens_per_s",), True),
+    ("on-schedule tok/s", ("on_schedule_tokens_per_s",), True),
     ("requests/s", ("requests_per_s",), True),
     ("TTFT p50 s", ("ttft_s", "p50"), False),
     ("TTFT p90 s", ("ttft_s", "p90"), False),

@@ -29,6 +29,19 @@ When the server sends several tokens in one chunk (or the usage count exceeds th
 content chunks), the extra tokens are taken to arrive with the last chunk: they were held back,
 so counting them late is the conservative choice.
 
+On-schedule tokens: the user's own timeline
+-------------------------------------------
+The simulated reader forgives a late first token (that wait is the TTFT) and forgives every
+stall once it has happened (its schedule shifts). A user who asked at ``0`` and expects the first
+token within the TTFT target ``T`` and then reads on at ``c`` tokens/s has a fixed timeline
+instead (Andes' "expected token delivery timeline"): token ``i`` (1-based) is due at
+``T + (i - 1) / c``. Token ``i`` is **on schedule** when ``a_i`` is no later than that. A request
+that waited 10 s for its first token, or that stalled for 10 s in the middle, is behind its
+user's timeline until generation catches up with it; a paused stream whose buffer covered the
+pause loses nothing. **On-schedule throughput** is the sum of on-schedule tokens over the run's
+duration; without a TTFT target or a reader rate it equals the effective throughput.
+Non-streaming requests count the same in both.
+
 Non-streaming requests have no buffer; they have a deadline instead:
 ``deadline = ttft_slo + tpot_slo * (n_out - 1)``. Their ``n_out`` tokens are all effective if the
 request succeeded and ``e2e <= deadline``, none otherwise (no stall time is defined).
@@ -104,6 +117,7 @@ class RequestMetrics:
     effective_tokens: int
     stall_s: float
     slo_ok: bool
+    on_schedule_tokens: int = 0
 
 
 def expand_token_times(chunk_times: Sequence[float], n_out: int) -> list[float]:
@@ -144,6 +158,15 @@ def simulate_reader(token_times: Sequence[float], rate: float) -> ReaderOutcome:
     return ReaderOutcome(on_time=on_time, stall_s=stall, read_end_s=read_at)
 
 
+def on_schedule(token_times: Sequence[float], rate: float, first_due_s: float) -> int:
+    """Tokens arriving no later than a user's fixed timeline needs them (module docstring):
+    token ``i`` (0-based, arrivals sorted) is due at ``first_due_s + i / rate``."""
+    if rate <= 0 or math.isinf(rate):
+        raise ValueError(f"reader rate must be finite and > 0, got {rate}")
+    step = 1.0 / rate
+    return sum(1 for i, t in enumerate(sorted(token_times)) if t <= first_due_s + i * step + 1e-12)
+
+
 def inter_token_latencies(token_times: Sequence[float]) -> list[float]:
     """Gaps between consecutive arrivals (sorted)."""
     times = sorted(token_times)
@@ -181,6 +204,7 @@ def request_metrics(rec: RequestRecord, slo: SLO) -> RequestMetrics:
             effective_tokens=rec.n_out if met else 0,
             stall_s=0.0,
             slo_ok=met,
+            on_schedule_tokens=rec.n_out if met else 0,
         )
     times = expand_token_times(rec.token_times, rec.n_out)
     ttft = min(rec.token_times) if rec.token_times else None
@@ -200,6 +224,8 @@ def request_metrics(rec: RequestRecord, slo: SLO) -> RequestMetrics:
         effective_tokens=reader.on_time,
         stall_s=reader.stall_s,
         slo_ok=slo_ok,
+        on_schedule_tokens=(reader.on_time if slo.ttft_s is None or math.isinf(rec.reader_rate)
+                            else on_schedule(times, rec.reader_rate, slo.ttft_s)),
     )
 
 
@@ -238,6 +264,8 @@ class Summary:
     output_tokens_per_s: float
     effective_tokens: int
     effective_tokens_per_s: float
+    on_schedule_tokens: int
+    on_schedule_tokens_per_s: float
     stall_s_total: float
     stalled_requests: int
     slo_attainment: float | None
@@ -270,6 +298,7 @@ def summarize(
     dur = max(duration_s, 1e-9)
     out_tokens = sum(m.n_out for _, m in ok)
     eff_tokens = sum(m.effective_tokens for _, m in ok)
+    sched_tokens = sum(m.on_schedule_tokens for _, m in ok)
     streamed = [m for r, m in ok if r.stream]
     return Summary(
         requests=len(pairs),
@@ -281,6 +310,8 @@ def summarize(
         output_tokens_per_s=out_tokens / dur,
         effective_tokens=eff_tokens,
         effective_tokens_per_s=eff_tokens / dur,
+        on_schedule_tokens=sched_tokens,
+        on_schedule_tokens_per_s=sched_tokens / dur,
         stall_s_total=sum(m.stall_s for m in streamed),
         stalled_requests=sum(1 for m in streamed if m.stall_s > 0),
         slo_attainment=(sum(1 for _, m in pairs if m.slo_ok) / len(pairs)) if pairs else None,

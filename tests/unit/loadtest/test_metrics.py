@@ -14,6 +14,7 @@ from lorafleet.loadtest.metrics import (
     RequestRecord,
     expand_token_times,
     inter_token_latencies,
+    on_schedule,
     percentile,
     request_metrics,
     simulate_reader,
@@ -60,6 +61,38 @@ def test_several_stalls_add_up():
     out = simulate_reader([0.0, 0.5, 0.6, 2.0], rate=4.0)  # needs at .25 (late .25), .75, 1.0
     assert out.stall_s == pytest.approx(0.25 + 1.0)
     assert out.on_time == 2
+
+
+def test_on_schedule_follows_the_users_fixed_timeline():
+    # Due at 1.0, 1.5, 2.0, 2.5 (target 1 s, 2 tok/s).
+    assert on_schedule([0.5, 0.6, 0.7, 0.8], rate=2.0, first_due_s=1.0) == 4
+    # A late first token puts the stream behind until it catches up: tokens 1-2 late, 3-4 on.
+    assert on_schedule([1.8, 1.9, 2.0, 2.1], rate=2.0, first_due_s=1.0) == 2
+    # A pause the buffer covers costs nothing; a stall costs every token until caught up.
+    assert on_schedule([0.1, 0.2, 0.3, 2.4], rate=2.0, first_due_s=1.0) == 4
+    assert on_schedule([0.1, 0.2, 3.0, 3.1, 3.2, 3.3], rate=2.0, first_due_s=1.0) == 3
+    assert on_schedule([0.1, 0.2, 4.0, 4.1, 4.2], rate=2.0, first_due_s=1.0) == 2
+    assert on_schedule([], rate=2.0, first_due_s=1.0) == 0
+    with pytest.raises(ValueError):
+        on_schedule([1.0], rate=math.inf, first_due_s=1.0)
+
+
+@given(st.lists(st.floats(0, 50), min_size=1, max_size=30), st.floats(0.5, 20), st.floats(0, 5),
+       st.floats(0, 10))
+def test_on_schedule_invariants(times, rate, due, delay):
+    n = on_schedule(times, rate, due)
+    assert 0 <= n <= len(times)
+    # Later arrivals never put more tokens on schedule; a later target never fewer.
+    assert on_schedule([t + delay for t in times], rate, due) <= n
+    assert on_schedule(times, rate, due + delay) >= n
+
+
+def test_request_on_schedule_equals_effective_without_a_ttft_target_or_a_reader():
+    r = rec([1.8, 1.9, 2.0, 2.1], rate=2.0)
+    assert request_metrics(r, SLO()).on_schedule_tokens == request_metrics(r, SLO()).effective_tokens
+    fast = rec([1.8, 1.9, 2.0, 2.1])
+    assert request_metrics(fast, SLO(ttft_s=1.0)).on_schedule_tokens == 4
+    assert request_metrics(r, SLO(ttft_s=1.0)).on_schedule_tokens == 2
 
 
 def test_infinite_reader_never_stalls_and_empty_timeline_is_zero():
@@ -151,6 +184,8 @@ def test_summarize_overall_and_by_tenant():
     assert s.errors == {"429": 1, "ConnectError": 1}
     assert s.output_tokens == 6 and s.output_tokens_per_s == 3.0
     assert s.effective_tokens == 5 and s.effective_tokens_per_s == 2.5
+    # b's first token misses the 0.15 s target, and it never catches up with its timeline.
+    assert s.on_schedule_tokens == 3 and s.on_schedule_tokens_per_s == 1.5
     assert s.stall_s_total == pytest.approx(0.9) and s.stalled_requests == 1
     assert s.slo_attainment == 0.25
     assert s.ttft_s["p50"] == pytest.approx(0.15)
