@@ -95,7 +95,8 @@ def _run_phases(
         s = doc["summary"]
         console.print(
             f"  ok {s['ok']}/{s['requests']}  {s['output_tokens_per_s']:.1f} tok/s  "
-            f"TTFT p50 {s['ttft_s']['p50']}  TPOT p50 {s['tpot_s']['p50']}  errors {s['errors']}"
+            f"TTFT p50 {_seconds(s['ttft_s']['p50'])}  TPOT p50 {_seconds(s['tpot_s']['p50'])}  "
+            f"errors {s['errors'] or 'none'}"
         )
         if s["errors"]:
             first = next(r for r in doc["requests"] if r["error"])
@@ -166,8 +167,9 @@ def run_system(
 
 
 def server_counters(text: str) -> dict[str, float]:
-    """LoRAFleet's scheduler and KV-offload counters from a /metrics page, summed over
-    replicas: ``name`` or ``name{label=value}`` (one label: direction, result, action)."""
+    """LoRAFleet's scheduler and KV-offload counters (and the measured full-batch tokens/s)
+    from a /metrics page, summed over replicas: ``name`` or ``name{label=value,...}`` (labels:
+    direction, result, action, reason)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     from lorafleet.serving.scheduling.metrics import PREFIXES
@@ -175,11 +177,13 @@ def server_counters(text: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if not sample.name.startswith(PREFIXES) or not sample.name.endswith("_total"):
+            if not sample.name.startswith(PREFIXES) or not sample.name.endswith(
+                    ("_total", "_tokens_per_second")):
                 continue
-            labels = {k: v for k, v in sample.labels.items() if k in ("direction", "result", "action")}
-            key = sample.name.removesuffix("_total") + "".join(
-                f"{{{k}={v}}}" for k, v in sorted(labels.items()))
+            labels = {k: v for k, v in sample.labels.items()
+                      if k in ("direction", "result", "action", "reason")}
+            key = sample.name.removesuffix("_total") + (
+                "{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}" if labels else "")
             out[key] = out.get(key, 0.0) + sample.value
     return dict(sorted(out.items()))
 
@@ -223,6 +227,10 @@ def compare_results_by_phase(base: dict[str, Any], cand: dict[str, Any]) -> dict
         name: compare_results(base["phases"][name], cand["phases"][name], "fcfs", "tokenflow")
         for name in base["phases"] if name in cand["phases"]
     }}
+
+
+def _seconds(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f} s"
 
 
 def _headline_rows(sc: Scenario, docs: dict[str, dict[str, Any]]) -> list[tuple[str, list[Any]]]:

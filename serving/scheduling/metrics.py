@@ -14,7 +14,7 @@ import functools
 import os
 from pathlib import Path
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 PREFIXES = ("lorafleet_scheduler_", "lorafleet_kv_offload_")
 
@@ -40,6 +40,12 @@ class SchedulerMetrics:
             "From the resume decision until the request's context is back (restored or "
             "recomputed) and it decodes again.",
             buckets=_RESUME_BUCKETS, registry=r,
+        )
+        self.throughput = Gauge(
+            "lorafleet_scheduler_full_batch_tokens_per_second",
+            "Tokens/s the engine generates with a full batch, as measured by the scheduler "
+            "(the reading-rate budget is this less the headroom); 0 until measured.",
+            registry=r,
         )
 
 

@@ -39,12 +39,18 @@ class Reason(enum.Enum):
     BUFFER_SHORT = "buffer_short"
     BUFFER_LONG = "buffer_long"
     AWAITING_FIRST_TOKEN = "awaiting_first_token"
+    MIN_RUN = "min_run"
+    """Admitted or resumed less than ``min_run_s`` ago: keeps its slot against paused streams
+    (no ping-pong); a newcomer may still take it."""
     PAUSE_LIMIT = "pause_limit"
     WAIT_BOUND = "wait_bound"
     PAUSE_BOUND = "pause_bound"
     NO_CAPACITY = "no_capacity"
     LORA_SLOTS_FULL = "lora_slots_full"
     KV_FULL = "kv_full"
+    OVER_BUDGET = "over_budget"
+    """Waits for a free slot: the started streams' reading rates already use the engine's
+    throughput, so nobody is paused for it (overload degrades to FCFS, not to thrashing)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,8 @@ class RequestView:
     The scheduler moves it on after the reader ran dry (``policy.advance_reader``)."""
     adapter_id: str | None = None
     paused_since: float | None = None
+    running_since: float | None = None
+    """Running only: when it was last admitted or resumed (``None``: unknown)."""
     num_pauses: int = 0
     deadline: float | None = None
     """Non-streaming only: when the whole answer is due. ``None``: derived from the knobs."""
@@ -88,6 +96,9 @@ class Capacity:
     kv_blocks: int | None = None
     """KV blocks the running set may use; ``None``: not a constraint."""
     block_size: int = 32
+    tokens_per_s: float | None = None
+    """Tokens/s the engine generates with a full batch (measured); ``None``: unknown, no
+    reading-rate budget."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +117,10 @@ class TokenFlowParams:
     """Added to the slack of a request whose adapter is not in the running set."""
     switch_hysteresis_s: float = 0.5
     """A running request keeps its slot unless a rival is more urgent by this much."""
+    min_run_s: float = 2.0
+    """A stream admitted or resumed keeps its slot this long against paused streams (not
+    against newcomers, nor overdue ones): each pause costs a save and a partial-block
+    recompute, and two streams compared by slack alone traded places every ~0.4 s."""
     max_wait_s: float = 10.0
     """Waiting longer than this makes a request go first (no starvation)."""
     max_pause_s: float = 15.0
@@ -119,6 +134,10 @@ class TokenFlowParams:
     """A non-streaming request's deadline: arrival + ttft + tpot * max_tokens (if not given)."""
     tpot_estimate_s: float = 0.05
     """Estimate of one decode step, used to turn remaining tokens into seconds."""
+    rate_headroom: float = 0.1
+    """Reading-rate budget: streams started (running or paused) may together read at most
+    ``(1 - rate_headroom) * Capacity.tokens_per_s``; a new stream beyond that is not given
+    anyone's slot (it still takes a free one). 1.0 turns the budget off."""
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from .errors import UnsupportedVLLMVersion
 from .metrics import export_text, scheduler_metrics
 from .model import Action, Capacity, RequestState, RequestView, TokenFlowParams
 from .policy import advance_reader, make_policy
+from .throughput import ThroughputEstimate
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ class TokenFlowScheduler(Scheduler):
         # Reader model per streaming request: (tokens paid for, at, tokens delivered).
         self._reader: dict[str, tuple[float, float, int]] = {}
         self._resumed_at: dict[str, float] = {}
+        self._started_at: dict[str, float] = {}  # last admitted or resumed by a plan
+        self._throughput = ThroughputEstimate(full_at=max(1, self._max_running - 1))
         self.metrics = scheduler_metrics()
         self._metrics_path = Path(cfg["metrics_path"]) if cfg.get("metrics_path") else None
         self._exported_at = 0.0
@@ -97,6 +100,9 @@ class TokenFlowScheduler(Scheduler):
     def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
         out = super().update_from_output(scheduler_output, model_runner_output)
         now = self._clock()
+        sampled = getattr(model_runner_output, "sampled_token_ids", None) or []
+        self._throughput.observe(now, len(scheduler_output.num_scheduled_tokens),
+                                 sum(1 for ids in sampled if len(ids) > 0))
         for req in self.running:
             rid = req.request_id
             delivered = req.num_output_tokens
@@ -124,6 +130,7 @@ class TokenFlowScheduler(Scheduler):
     def _export(self, now: float) -> None:
         """Write this process's lorafleet_* series for the replica to serve (~1/s)."""
         if self._metrics_path is not None:
+            self.metrics.throughput.set(self._throughput.value or 0.0)
             self._exported_at = now
             self._dirty = False
             export_text(self._metrics_path)
@@ -154,7 +161,7 @@ class TokenFlowScheduler(Scheduler):
 
     def _forget(self, rid: str) -> None:
         for d in (self._paused_since, self._num_pauses, self._first_token_at, self._resumed_at,
-                  self._reader):
+                  self._reader, self._started_at):
             d.pop(rid, None)
 
     def _rate(self, extra: dict[str, Any]) -> float:
@@ -182,6 +189,9 @@ class TokenFlowScheduler(Scheduler):
                 self._paused_since.get(req.request_id, now) if state is RequestState.PAUSED else None
             ),
             num_pauses=self._num_pauses.get(req.request_id, 0),
+            running_since=(
+                self._started_at.get(req.request_id) if state is RequestState.RUNNING else None
+            ),
         )
 
     def _apply_plan(self) -> None:
@@ -199,7 +209,8 @@ class TokenFlowScheduler(Scheduler):
             paused = r.status == RequestStatus.PREEMPTED or r.num_output_tokens > 0
             views.append(self._view(r, RequestState.PAUSED if paused else RequestState.WAITING, now))
         cap = Capacity(max_running=self._max_running, max_loras=self._max_loras,
-                       kv_blocks=self.cache_config.num_gpu_blocks, block_size=self.block_size)
+                       kv_blocks=self.cache_config.num_gpu_blocks, block_size=self.block_size,
+                       tokens_per_s=self._throughput.value)
         plan = self._policy(views, cap, now)
 
         running_by_id = {r.request_id: r for r in self.running}
@@ -231,6 +242,7 @@ class TokenFlowScheduler(Scheduler):
                 self.metrics.resumes.inc()
                 self._dirty = True
             self._paused_since.pop(req.request_id, None)
+            self._started_at[req.request_id] = now
         started = {r.request_id for r in start}
         for rid, req in pool.items():
             if rid not in started:

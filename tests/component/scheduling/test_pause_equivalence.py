@@ -45,7 +45,7 @@ def _config(tiny_model: Path, policy: str) -> EngineConfig:
         max_model_len=512, max_loras=2, max_lora_rank=16, max_cpu_loras=4,
         kv_cache_bytes=16 * 2**20, multiprocessing=False,
         scheduling_policy=policy,  # type: ignore[arg-type]
-        scheduling_max_running=1, scheduling_params={"pause_min_buffer_s": 0.05},
+        scheduling_max_running=1, scheduling_params={"pause_min_buffer_s": 0.05, "min_run_s": 0.0},
         default_consumption_rate=0.5,
     )
 

@@ -20,14 +20,18 @@ lorafleet_requests_total{tenant="t",adapter="a",status="200"} 9.0
 lorafleet_scheduler_resume_latency_seconds_bucket{replica="r0",le="+Inf"} 4.0
 lorafleet_scheduler_resume_latency_seconds_count{replica="r0"} 4.0
 lorafleet_scheduler_resume_latency_seconds_sum{replica="r0"} 0.2
+# TYPE lorafleet_scheduler_full_batch_tokens_per_second gauge
+lorafleet_scheduler_full_batch_tokens_per_second{replica="r0"} 55.5
 """
 
 
-def test_counters_are_summed_over_replicas_and_reasons_and_nothing_else_is_kept():
+def test_counters_are_summed_over_replicas_by_label_and_nothing_else_is_kept():
     assert server_counters(PAGE) == {
         "lorafleet_kv_offload_resumes{result=restored}": 4.0,
-        "lorafleet_scheduler_decisions{action=admit}": 4.0,
-        "lorafleet_scheduler_decisions{action=pause}": 5.0,
+        "lorafleet_scheduler_decisions{action=admit,reason=ttft_urgency}": 3.0,
+        "lorafleet_scheduler_decisions{action=admit,reason=wait_bound}": 1.0,
+        "lorafleet_scheduler_decisions{action=pause,reason=buffer_long}": 5.0,
+        "lorafleet_scheduler_full_batch_tokens_per_second": 55.5,
         "lorafleet_scheduler_pauses": 7.0,
     }
 

@@ -85,6 +85,71 @@ def test_new_request_preempts_a_long_buffer_when_the_batch_is_full():
     assert plan.to_pause == ("long",) and plan.to_start == ("new",)
 
 
+def test_reading_rate_budget_stops_pausing_for_newcomers_under_overload():
+    now = 20.0
+    long = view("long", R, first_token_time=1.0, generated_tokens=200, consumption_rate=5.0)
+    short = view("short", R, first_token_time=15.0, generated_tokens=30, consumption_rate=5.0)
+    new = view("new", W, arrival=19.9, consumption_rate=5.0)
+    # 10 tok/s of reading already started; a 15 tok/s engine (less 10 % headroom) has no room
+    # for another 5: the newcomer waits for a free slot and nobody is paused for it.
+    full = Capacity(max_running=2, max_loras=4, tokens_per_s=15.0)
+    d = by_id(decide_tokenflow([long, short, new], full, now))
+    assert d["long"].action is Action.KEEP_RUNNING
+    assert d["new"].action is Action.DEFER and d["new"].reason is Reason.OVER_BUDGET
+    # Past the wait bound too (started answers are finite: the budget frees).
+    late = dataclasses.replace(new, arrival=0.0)
+    assert by_id(decide_tokenflow([long, short, late], full, now))["new"].reason is Reason.OVER_BUDGET
+    # A free slot is still taken.
+    roomy = Capacity(max_running=3, max_loras=4, tokens_per_s=15.0)
+    assert by_id(decide_tokenflow([long, short, new], roomy, now))["new"].action is Action.ADMIT
+    # Within budget, the long buffer is paused for it as before.
+    fast = Capacity(max_running=2, max_loras=4, tokens_per_s=100.0)
+    d = by_id(decide_tokenflow([long, short, new], fast, now))
+    assert d["long"].action is Action.PAUSE and d["new"].action is Action.ADMIT
+    # The budget is filled in arrival order; 1.0 headroom turns it off.
+    first = view("first", W, arrival=19.0, consumption_rate=2.0)
+    d = by_id(decide_tokenflow([long, short, first, new],
+                               Capacity(max_running=2, max_loras=4, tokens_per_s=14.0), now))
+    assert d["first"].action is Action.ADMIT and d["new"].reason is Reason.OVER_BUDGET
+    off = TokenFlowParams(rate_headroom=1.0)
+    assert by_id(decide_tokenflow([long, short, new], full, now, off))["new"].action is Action.ADMIT
+
+
+def test_two_streams_with_similar_buffers_do_not_trade_places_every_step():
+    now = 30.0
+    cap = Capacity(max_running=1, max_loras=4)
+    # A paused stream with *more* buffer never displaces a running one (the resume margin
+    # once made a paused stream look 0.55 s more urgent than it was: the two swapped back
+    # and forth every step).
+    a = view("a", R, first_token_time=10.0, generated_tokens=74, consumption_rate=3.0)
+    richer = view("b", P, first_token_time=10.0, generated_tokens=75, consumption_rate=3.0,
+                  paused_since=29.0)
+    assert by_id(decide_tokenflow([a, richer], cap, now))["a"].action is Action.KEEP_RUNNING
+    # Buffers: a ~4.7 s (running), b ~3.3 s (paused): b is clearly the one to run.
+    a = view("a", R, first_token_time=10.0, generated_tokens=74, consumption_rate=3.0)
+    b = view("b", P, first_token_time=10.0, generated_tokens=70, consumption_rate=3.0,
+             paused_since=29.0)
+    d = by_id(decide_tokenflow([a, b], cap, now))
+    assert d["a"].action is Action.PAUSE and d["b"].action is Action.RESUME
+    # One step later, the places swapped: without a minimum run (unknown start) the swap is not
+    # undone, as both are compared by when they would have to be resumed.
+    a2 = dataclasses.replace(a, state=P, paused_since=now)
+    b2 = dataclasses.replace(b, state=R, paused_since=None, generated_tokens=71)
+    d = by_id(decide_tokenflow([a2, b2], cap, now + 0.05))
+    assert d["b"].action is Action.KEEP_RUNNING and d["a"].action is Action.KEEP_PAUSED
+    # A stream resumed less than min_run_s ago keeps its slot even against a more urgent one.
+    urgent = dataclasses.replace(a2, generated_tokens=64)
+    fresh = dataclasses.replace(b2, running_since=now, generated_tokens=90)
+    d = by_id(decide_tokenflow([urgent, fresh], cap, now + 0.05))
+    assert d["b"].action is Action.KEEP_RUNNING and d["b"].reason is Reason.MIN_RUN
+    d = by_id(decide_tokenflow([urgent, fresh], cap, now + 2.5))
+    assert d["b"].action is Action.PAUSE and d["a"].action is Action.RESUME
+    # ...but not against a newcomer waiting for its first token.
+    new = view("new", W, arrival=now)
+    d = by_id(decide_tokenflow([fresh, new], cap, now + 0.05))
+    assert d["new"].action is Action.ADMIT and d["b"].action is Action.PAUSE
+
+
 def test_nothing_is_paused_when_the_batch_has_room():
     long = view("long", R, first_token_time=1.0, generated_tokens=200)
     plan = decide_tokenflow([long, view("new", W, arrival=9.0)], Capacity(8, 4), now=10.0)
@@ -194,7 +259,8 @@ def snapshots(draw):
             num_pauses=draw(st.integers(0, 6)) if started else 0,
         ))
     cap = Capacity(max_running=draw(st.integers(1, 8)), max_loras=max_loras,
-                   kv_blocks=draw(st.one_of(st.none(), st.integers(1, 200))))
+                   kv_blocks=draw(st.one_of(st.none(), st.integers(1, 200))),
+                   tokens_per_s=draw(st.one_of(st.none(), st.floats(1.0, 200.0))))
     return views, cap, now
 
 
@@ -236,16 +302,18 @@ def workloads(draw):
         (draw(st.floats(0.0, 10.0)), draw(st.integers(5, 40)), draw(st.floats(2.0, 8.0)),
          draw(st.booleans()), draw(st.sampled_from([None, "a", "b", "c"])))
         for _ in range(n)
-    ], draw(st.integers(1, 6)), draw(st.integers(1, 2))
+    ], draw(st.integers(1, 6)), draw(st.integers(1, 2)), draw(st.booleans())
 
 
 @given(workloads())
 @settings(max_examples=60, deadline=None)
 def test_simulated_bounded_load_nobody_waits_forever_and_pauses_are_bounded(wl):
-    """A toy engine (10 tok/s per running request) driven by the policy for 120 s."""
-    arrivals, slots, max_loras = wl
+    """A toy engine (10 tok/s per running request) driven by the policy for 120 s, with or
+    without the reading-rate budget (the engine's true throughput)."""
+    arrivals, slots, max_loras, budget = wl
     p = TokenFlowParams(max_wait_s=5.0, max_pause_s=6.0)
-    cap = Capacity(max_running=slots, max_loras=max_loras)
+    cap = Capacity(max_running=slots, max_loras=max_loras,
+                   tokens_per_s=10.0 * slots if budget else None)
     dt = 0.1
     views = {
         f"r{i}": RequestView(request_id=f"r{i}", arrival=a, state=W, prompt_tokens=10,
