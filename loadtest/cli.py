@@ -13,9 +13,10 @@ from pathlib import Path
 
 from rich.console import Console
 
+from lorafleet.loadtest.bench.scenarios import SCENARIOS as SERVER_SCENARIOS
 from lorafleet.loadtest.errors import LoadTestError
 
-SCENARIOS = ("multi-lora", "burst", "cold-start", "overhead", "lora-ops")
+SCENARIOS = (*SERVER_SCENARIOS, "lora-ops")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
