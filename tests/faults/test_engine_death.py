@@ -25,12 +25,14 @@ pytestmark = pytest.mark.vllm  # imports vLLM (no engine is started)
 class DyingLLM:
     def __init__(self) -> None:
         self.aborts = 0
+        self.errored = False  # as AsyncLLM's, once its engine core is gone
 
     async def generate(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         yield SimpleNamespace(finished=False, outputs=[SimpleNamespace(
             text="a", token_ids=[1], finish_reason=None)])
+        self.errored = True
         raise EngineDeadError()
 
     async def abort(self, request_id: str) -> None:
@@ -50,4 +52,5 @@ async def test_engine_core_death_is_engine_dead() -> None:
     assert got == ["a"]
     assert isinstance(info.value, EngineError) and "r-1" in str(info.value)
     assert engine._llm.aborts == 1  # tried, and its own failure did not mask the first error
-    assert (await engine.stats()).in_flight == 0
+    stats = await engine.stats()
+    assert stats.in_flight == 0 and not stats.healthy  # /health stops counting this replica

@@ -145,7 +145,8 @@ def test_dashboard_covers_what_operators_look_at() -> None:
                    'status!~"2.."', "lorafleet_operator_adapters",
                    "lorafleet_scheduler_decisions_total",
                    "lorafleet_scheduler_resume_latency_seconds_bucket",
-                   "lorafleet_kv_offload_bytes_total", "lorafleet_kv_offload_resumes_total"):
+                   "lorafleet_kv_offload_bytes_total", "lorafleet_kv_offload_resumes_total",
+                   "lorafleet_scheduler_full_batch_tokens_per_second"):
         assert needle in used, needle
 
 
@@ -198,6 +199,8 @@ def exposition(n: int) -> str:
         for r, k in (("restored", 2), ("recomputed", 1))]
     lines += [
         "# TYPE lorafleet_adapters_resident gauge", 'lorafleet_adapters_resident{replica="r0"} 4',
+        "# TYPE lorafleet_scheduler_full_batch_tokens_per_second gauge",
+        'lorafleet_scheduler_full_batch_tokens_per_second{replica="r0"} 80.5',
         "# TYPE lorafleet_scheduler_pauses_total counter",
         f'lorafleet_scheduler_pauses_total{{replica="r0"}} {2 * n}',
         "# TYPE lorafleet_operator_adapters gauge",
