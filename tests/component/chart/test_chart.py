@@ -422,6 +422,17 @@ def test_scheduling_reaches_the_engine_in_both_modes() -> None:
     AppArgs(**app["args"])  # the Serve app builder accepts what the chart renders
 
 
+def test_schema_names_every_scheduling_knob() -> None:
+    import dataclasses
+
+    from lorafleet.serving.scheduling import TokenFlowParams
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    sched = schema["properties"]["serving"]["properties"]["engine"]["properties"]["scheduling"]
+    names = sched["properties"]["params"]["propertyNames"]["enum"]
+    assert sorted(names) == sorted(f.name for f in dataclasses.fields(TokenFlowParams))
+
+
 def test_monitoring_off_renders_no_monitoring_objects() -> None:
     ks = kinds(render(VALUE_SETS["monitoring-off"]))
     assert not {"PodMonitor", "PrometheusRule", "ConfigMap"} & set(ks)
