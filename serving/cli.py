@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import ValidationError
 
@@ -22,6 +22,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def _serve_parser(sub: Any) -> None:
+    from .config import SchedulingPolicy
+
     p = sub.add_parser("serve", help="Run the serving tier (Ray Serve + vLLM) on this machine.")
     demo = p.add_mutually_exclusive_group()
     demo.add_argument("--demo", dest="demo", action="store_true", default=None,
@@ -48,7 +50,7 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--kv-cache-gib", type=float, default=2.0, help="KV cache per replica (GiB).")
     p.add_argument("--dtype", default="auto",
                    help="Model dtype (auto: bfloat16 on CUDA, float32 on the CPU).")
-    p.add_argument("--scheduling-policy", choices=("fcfs", "tokenflow"), default="fcfs",
+    p.add_argument("--scheduling-policy", choices=get_args(SchedulingPolicy), default="fcfs",
                    help="fcfs: stock vLLM; tokenflow: streaming-aware preemptive scheduling.")
     p.add_argument("--default-consumption-rate", type=float, default=6.0,
                    help="Tokens/s a streaming client reads when it declares none (tokenflow).")

@@ -13,6 +13,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+SchedulingPolicy = Literal["fcfs", "tokenflow"]
+"""``fcfs``: stock vLLM; ``tokenflow``: streaming-aware preemption (``scheduling.POLICIES``)."""
+
 
 class EngineConfig(BaseModel):
     """How one vLLM engine replica is built."""
@@ -54,7 +57,7 @@ class EngineConfig(BaseModel):
         description="CPU cores vLLM keeps free of compute threads (VLLM_CPU_NUM_OF_RESERVED_CPU).",
     )
     seed: int = Field(default=0, description="Engine seed.")
-    scheduling_policy: Literal["fcfs", "tokenflow"] = Field(
+    scheduling_policy: SchedulingPolicy = Field(
         default="fcfs",
         description="fcfs: stock vLLM scheduling; tokenflow: streaming-aware preemptive scheduling "
         "(lorafleet.serving.scheduling).",
@@ -99,7 +102,7 @@ class EngineConfig(BaseModel):
         unknown = sorted(set(v) - known)
         if unknown:
             raise ValueError(f"unknown scheduling parameter(s) {unknown}; known: {sorted(known)}")
-        TokenFlowParams(**v)  # types and values
+        TokenFlowParams(**v)  # refuses values out of range
         return v
 
 

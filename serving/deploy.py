@@ -19,14 +19,14 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from .config import EngineConfig, ServeSettings
+from .config import EngineConfig, SchedulingPolicy, ServeSettings
 from .engine.errors import EngineDead
 from .engine.protocol import AdapterRef, EngineStats, GenerateRequest, TokenDelta, merge_deltas
 
@@ -247,7 +247,7 @@ class AppArgs(BaseModel):
     max_cpu_loras: int = Field(default=32, ge=1, description="Adapters resident per replica.")
     max_model_len: int = Field(default=2048, ge=64, description="Context length.")
     kv_cache_gib: float = Field(default=2.0, gt=0, description="KV cache per replica (GiB).")
-    scheduling_policy: Literal["fcfs", "tokenflow"] = Field(
+    scheduling_policy: SchedulingPolicy = Field(
         default="fcfs", description="fcfs: stock vLLM; tokenflow: streaming-aware preemption.")
     default_consumption_rate: float = Field(
         default=6.0, gt=0, description="Tokens/s a streaming client reads when it declares none.")

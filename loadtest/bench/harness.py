@@ -32,6 +32,7 @@ from lorafleet.loadtest.compare import compare_results, ratio
 from lorafleet.loadtest.errors import LoadTestError, ServerStartError
 from lorafleet.loadtest.report import write_json, write_report
 from lorafleet.loadtest.runner import run_workload
+from lorafleet.serving.scheduling.metrics import read_counters
 
 SYSTEMS = ("vllm", "lorafleet", "lorafleet-tokenflow", "lorafleet-stockops")
 """``lorafleet`` runs the stock (fcfs) scheduler; ``lorafleet-tokenflow`` the same build with
@@ -156,7 +157,7 @@ def run_system(
             finally:
                 admin.close()
             phases = _run_phases(system, sc, target, {TENANT: key}, out_dir, console)
-            extra["server_counters"] = server_counters(servers.metrics_text(srv.base_url, admin_key))
+            extra["server_counters"] = read_counters(servers.metrics_text(srv.base_url, admin_key))
             if extra["server_counters"]:
                 console.print("  server: " + ", ".join(
                     f"{k} {v:g}" for k, v in extra["server_counters"].items()))
@@ -164,28 +165,6 @@ def run_system(
         raise LoadTestError(f"unknown system {system!r}; known: {SYSTEMS}")
     return {"scenario": sc.name, "system": system, "ready_s": ready_s, "note": CPU_NOTE,
             "reserved_cpus": reserved_cpus, "phases": phases, **extra}
-
-
-def server_counters(text: str) -> dict[str, float]:
-    """LoRAFleet's scheduler and KV-offload counters (and the measured full-batch tokens/s)
-    from a /metrics page, summed over replicas: ``name`` or ``name{label=value,...}`` (labels:
-    direction, result, action, reason)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    from lorafleet.serving.scheduling.metrics import PREFIXES
-
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if not sample.name.startswith(PREFIXES) or not sample.name.endswith(
-                    ("_total", "_tokens_per_second")):
-                continue
-            labels = {k: v for k, v in sample.labels.items()
-                      if k in ("direction", "result", "action", "reason")}
-            key = sample.name.removesuffix("_total") + (
-                "{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}" if labels else "")
-            out[key] = out.get(key, 0.0) + sample.value
-    return dict(sorted(out.items()))
 
 
 def cold_start_figures(doc: dict[str, Any]) -> dict[str, float | None]:

@@ -88,3 +88,24 @@ def export_text(path: Path, registry: CollectorRegistry | None = None) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(keep) + "\n")
     os.replace(tmp, path)
+
+
+def read_counters(text: str) -> dict[str, float]:
+    """The ``lorafleet_scheduler_*``/``lorafleet_kv_offload_*`` counters (and the measured
+    full-batch tokens/s) of a /metrics page, summed over replicas: ``name`` or
+    ``name{label=value,...}`` without ``_total`` (labels kept: direction, result, action,
+    reason)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if not sample.name.startswith(PREFIXES) or not sample.name.endswith(
+                    ("_total", "_tokens_per_second")):
+                continue
+            labels = {k: v for k, v in sample.labels.items()
+                      if k in ("direction", "result", "action", "reason")}
+            key = sample.name.removesuffix("_total") + (
+                "{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}" if labels else "")
+            out[key] = out.get(key, 0.0) + sample.value
+    return dict(sorted(out.items()))

@@ -139,6 +139,15 @@ class TokenFlowParams:
     ``(1 - rate_headroom) * Capacity.tokens_per_s``; a new stream beyond that is not given
     anyone's slot (it still takes a free one). 1.0 turns the budget off."""
 
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not value >= 0:  # NaN too
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if self.prefill_tokens_per_s <= 0:
+            raise ValueError("prefill_tokens_per_s must be > 0")
+        if self.rate_headroom > 1:
+            raise ValueError(f"rate_headroom must be <= 1, got {self.rate_headroom}")
+
 
 @dataclass(frozen=True)
 class Decision:

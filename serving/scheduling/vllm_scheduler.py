@@ -75,8 +75,9 @@ class TokenFlowScheduler(Scheduler):
         self._paused_since: dict[str, float] = {}
         self._num_pauses: dict[str, int] = {}
         self._first_token_at: dict[str, float] = {}
-        # Reader model per streaming request: (tokens paid for, at, tokens delivered).
-        self._reader: dict[str, tuple[float, float, int]] = {}
+        # Reader model per streaming request: (tokens paid for, at, tokens delivered, its
+        # reading rate, looked up once at the first token rather than every step).
+        self._reader: dict[str, tuple[float, float, int, float]] = {}
         self._resumed_at: dict[str, float] = {}
         self._started_at: dict[str, float] = {}  # last admitted or resumed by a plan
         self._throughput = ThroughputEstimate(full_at=max(1, self._max_running - 1))
@@ -108,13 +109,12 @@ class TokenFlowScheduler(Scheduler):
             delivered = req.num_output_tokens
             if delivered > 0 and rid not in self._first_token_at:
                 self._first_token_at[rid] = now
-                self._reader[rid] = (0.0, now, delivered)
+                self._reader[rid] = (0.0, now, delivered, self._rate(request_extra(req)))
             elif delivered > 0:
-                read, at, before = self._reader[rid]
+                read, at, before, rate = self._reader[rid]
                 if delivered > before:
-                    rate = self._rate(request_extra(req))
                     read, at = advance_reader(read, at, before, rate, now)
-                    self._reader[rid] = (read, at, delivered)
+                    self._reader[rid] = (read, at, delivered, rate)
             started = self._resumed_at.get(rid)
             if started is not None and req.num_computed_tokens >= req.num_tokens - 1:
                 self.metrics.resume_latency.observe(now - started)
@@ -171,7 +171,7 @@ class TokenFlowScheduler(Scheduler):
     def _view(self, req: Request, state: RequestState, now: float) -> RequestView:
         extra = request_extra(req)
         lora = req.lora_request
-        read, read_at, _ = self._reader.get(req.request_id, (0.0, None, 0))
+        read, read_at, _, _ = self._reader.get(req.request_id, (0.0, None, 0, 0.0))
         return RequestView(
             request_id=req.request_id,
             arrival=req.arrival_time,

@@ -17,6 +17,7 @@ from lorafleet.serving.config import EngineConfig
 from lorafleet.serving.demo.basemodel import TINY_MODEL_NAME, make_random_adapter, make_tiny_model
 from lorafleet.serving.engine.protocol import AdapterRef, GenerateRequest, SamplingOptions
 from lorafleet.serving.engine.vllm_engine import VLLMEngine
+from lorafleet.serving.scheduling.metrics import read_counters
 
 pytestmark = pytest.mark.vllm
 
@@ -113,19 +114,6 @@ async def test_paused_requests_come_back_from_the_offload_tiers(tiny_model, adap
     about one block (spilling nowhere) resumes fall back to recompute. Greedy text never changes.
     Served configuration: vLLM's engine core in its own process and, on the CPU, the worker in
     another (the connector's two halves share only the tier folders)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    def counters(text: str) -> dict[str, float]:
-        """The engine core's offload counters, e.g. ``blocks/out`` or ``resumes/restored``."""
-        out: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name.startswith("lorafleet_kv_offload_") and sample.name.endswith("_total"):
-                    what = sample.name.removeprefix("lorafleet_kv_offload_").removesuffix("_total")
-                    label = sample.labels.get("direction") or sample.labels.get("result")
-                    out[f"{what}/{label}"] = sample.value
-        return out
-
     reqs = _requests(adapters)
     results, stats = {}, {}
     block_bytes = 4 * 32 * 2 * 64 * 2  # one layer's block of the tiny model is ~32 KiB; 2 layers
@@ -145,13 +133,15 @@ async def test_paused_requests_come_back_from_the_offload_tiers(tiny_model, adap
             assert len(_interrupted(order)) >= 3, order
             # The engine core's lorafleet_* series reach this process (after each pause/resume).
             assert "lorafleet_scheduler_pauses_total" in core, core
-            stats[label] = counters(core)
+            stats[label] = read_counters(core)
     off, ev = stats["offload"], stats["evicting"]
     print(f"\noffload: {off}\nevicting: {ev}")
     for label in ("offload", "evicting"):
         diff = {k: (v, results["fcfs"][k]) for k, v in results[label].items() if v != results["fcfs"][k]}
         assert not diff, (label, diff)
-    assert off["blocks/out"] > 0 and off["blocks/in"] > 0 and off["resumes/restored"] >= 3
-    assert off["bytes/in"] > 0 and off["bytes/out"] >= off["bytes/in"]
-    assert ev["blocks/out"] > 0 and ev.get("blocks/in", 0) < off["blocks/in"]
-    assert ev.get("resumes/recomputed", 0) > 0
+    out, into = "lorafleet_kv_offload_blocks{direction=out}", "lorafleet_kv_offload_blocks{direction=in}"
+    bytes_out, bytes_in = (k.replace("_blocks", "_bytes") for k in (out, into))
+    assert off[out] > 0 and off[into] > 0 and off["lorafleet_kv_offload_resumes{result=restored}"] >= 3
+    assert off[bytes_in] > 0 and off[bytes_out] >= off[bytes_in]
+    assert ev[out] > 0 and ev.get(into, 0) < off[into]
+    assert ev.get("lorafleet_kv_offload_resumes{result=recomputed}", 0) > 0

@@ -1,8 +1,9 @@
-"""The bench's summary of LoRAFleet's scheduler and KV-offload counters from /metrics."""
+"""The bench's (and the tests') summary of LoRAFleet's scheduler and KV-offload counters
+from /metrics."""
 
 from __future__ import annotations
 
-from lorafleet.loadtest.bench.harness import server_counters
+from lorafleet.serving.scheduling.metrics import read_counters
 
 PAGE = """\
 # TYPE lorafleet_scheduler_pauses_total counter
@@ -26,7 +27,7 @@ lorafleet_scheduler_full_batch_tokens_per_second{replica="r0"} 55.5
 
 
 def test_counters_are_summed_over_replicas_by_label_and_nothing_else_is_kept():
-    assert server_counters(PAGE) == {
+    assert read_counters(PAGE) == {
         "lorafleet_kv_offload_resumes{result=restored}": 4.0,
         "lorafleet_scheduler_decisions{action=admit,reason=ttft_urgency}": 3.0,
         "lorafleet_scheduler_decisions{action=admit,reason=wait_bound}": 1.0,
@@ -37,4 +38,4 @@ def test_counters_are_summed_over_replicas_by_label_and_nothing_else_is_kept():
 
 
 def test_a_server_without_them_gives_nothing():
-    assert server_counters("# TYPE x counter\nx_total 1\n") == {}
+    assert read_counters("# TYPE x counter\nx_total 1\n") == {}

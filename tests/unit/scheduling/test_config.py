@@ -32,6 +32,17 @@ def test_unknown_knobs_are_refused_with_the_known_names():
         config(scheduling_params={"resume_margn_s": 2.0})
 
 
+@pytest.mark.parametrize(("knobs", "why"), [
+    ({"min_run_s": -1.0}, "min_run_s must be >= 0"),
+    ({"rate_headroom": 1.5}, "rate_headroom must be <= 1"),
+    ({"prefill_tokens_per_s": 0.0}, "prefill_tokens_per_s must be > 0"),
+    ({"max_wait_s": float("nan")}, "max_wait_s must be >= 0"),
+])
+def test_knobs_out_of_range_are_refused(knobs, why):
+    with pytest.raises(ValidationError, match=why):
+        config(scheduling_params=knobs)
+
+
 def test_the_serve_flag_parses_name_value_pairs():
     import argparse
 
