@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
+from .api.arrival import proxy_environment, proxy_stamps_arrival
 from .config import EngineConfig, SchedulingPolicy, ServeSettings
 from .engine.errors import EngineDead
 from .engine.protocol import AdapterRef, EngineStats, GenerateRequest, TokenDelta, merge_deltas
@@ -91,6 +93,26 @@ async def coalesced(deltas: AsyncIterator[TokenDelta]) -> AsyncIterator[TokenDel
             await task
 
 
+ENGINE_WATCH_PERIOD_S = 0.5
+ENGINE_DEATH_GRACE_S = 1.0
+
+
+async def exit_when_engine_dies(engine: Any) -> None:
+    """End this replica's process as soon as its engine dies.
+
+    Ray Serve learns of a failing ``check_health`` only after three periods (30 s here) and
+    then still waits to stop the replica; a replica process that exits is seen as crashed
+    and replaced at once. The grace lets the requests in flight carry their error to the
+    ingress first, so each client gets an OpenAI-shaped error rather than a dropped stream.
+    """
+    while engine.alive:
+        await asyncio.sleep(ENGINE_WATCH_PERIOD_S)
+    log.error("engine of replica %s died (engine processes %s); exiting so that Ray Serve "
+              "replaces the replica", engine.replica_id, engine.engine_pids() or "in-process")
+    await asyncio.sleep(ENGINE_DEATH_GRACE_S)
+    os._exit(1)
+
+
 def engine_deployment(
     config: EngineConfig, num_replicas: int, autoscaling: dict[str, Any] | None = None
 ) -> Any:
@@ -113,6 +135,7 @@ def engine_deployment(
             self.engine = VLLMEngine(EngineConfig(**engine_config), replica_id=ctx.replica_id.unique_id)
             self._paths: dict[str, str] = {}
             await self.engine.start()
+            self._watchdog = asyncio.create_task(exit_when_engine_dies(self.engine))
 
         @serve.multiplexed(max_num_models_per_replica=config.max_cpu_loras)
         async def _adapter(self, adapter_id: str) -> _ResidentAdapter:
@@ -144,6 +167,8 @@ def engine_deployment(
 
         async def check_health(self) -> None:
             await self.engine.llm.check_health()
+            if self._watchdog.done():  # it only ends by exiting the process
+                raise EngineDead("the engine watchdog stopped")
 
     return EngineReplica
 
@@ -181,7 +206,14 @@ class RayEngineClient:
         await self.handle.broadcast("unload_adapter", adapter_id).results_async()
 
     async def replica_stats(self) -> list[EngineStats]:
-        stats = await self.handle.broadcast("stats").results_async()
+        """Every replica Ray Serve routes to; one that cannot answer counts as unhealthy."""
+        results = await self.handle.broadcast("stats").results_async(return_exceptions=True)
+        stats = [
+            r if isinstance(r, EngineStats)
+            else EngineStats(replica_id=f"unreachable-{i}", resident_adapters=(), in_flight=0,
+                             max_loras=0, max_cpu_loras=0, healthy=False)
+            for i, r in enumerate(results)
+        ]
         return sorted(stats, key=lambda s: s.replica_id)
 
     async def metrics_text(self) -> str:
@@ -217,6 +249,8 @@ class Ingress:
             metrics_key=s.metrics_key,
             public_metrics=s.public_metrics,
         )
+
+        self.services.trust_arrival_stamp = proxy_stamps_arrival()
 
     def __serve_build_asgi_app__(self) -> Any:
         from .api.app import build_app
@@ -292,6 +326,8 @@ def run(settings: ServeSettings, engine_config: EngineConfig, *, ray_temp_dir: P
         if settings.ray_address:
             ray.init(address=settings.ray_address, namespace=APP_NAME)
         else:
+            # Ray's processes inherit this environment: the proxy stamps arrivals.
+            os.environ.update(proxy_environment())
             ray.init(
                 namespace=APP_NAME,
                 include_dashboard=False,

@@ -60,8 +60,15 @@ class ServingMetrics:
         ta = ["tenant", "adapter"]
         self.ttft = Histogram(
             "lorafleet_time_to_first_token_seconds",
-            "Time from request arrival to the first output token.",
+            "Time from the request reaching the HTTP server to its first output token "
+            "written to the client.",
             ta, buckets=TTFT_BUCKETS, registry=r,
+        )
+        self.queue = Histogram(
+            "lorafleet_request_queue_seconds",
+            "Time from the request reaching the HTTP server to the ingress handling it "
+            "(Ray Serve proxy and router queues).",
+            ["tenant"], buckets=TTFT_BUCKETS, registry=r,
         )
         self.tpot = Histogram(
             "lorafleet_time_per_output_token_seconds",
@@ -70,7 +77,7 @@ class ServingMetrics:
         )
         self.e2e = Histogram(
             "lorafleet_e2e_request_latency_seconds",
-            "Time from request arrival to its last token.",
+            "Time from the request reaching the HTTP server to its last token.",
             ta, buckets=E2E_BUCKETS, registry=r,
         )
         self.requests = Counter(

@@ -266,7 +266,8 @@ def build_admin_router(services: ApiServices) -> APIRouter:
         await guard(request)
         return {"data": [
             {"replica_id": s.replica_id, "adapters": list(s.resident_adapters),
-             "in_flight": s.in_flight, "max_loras": s.max_loras, "max_cpu_loras": s.max_cpu_loras}
+             "in_flight": s.in_flight, "max_loras": s.max_loras, "max_cpu_loras": s.max_cpu_loras,
+             "healthy": s.healthy, "engine_pids": list(s.engine_pids)}
             for s in await services.engines.replica_stats()
         ]}
 

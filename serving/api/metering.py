@@ -1,8 +1,11 @@
 """Per-request timing (TTFT, TPOT, end-to-end) and token counts, recorded into metrics.
 
 Boundary: pure bookkeeping over timestamps passed in; ``finish`` writes to ``ServingMetrics``.
-TTFT is measured from request arrival at the ingress to the first output token leaving
-the engine; TPOT per choice is ``(t_last - t_first) / (tokens - 1)``, averaged over choices.
+TTFT runs from the request's arrival at the HTTP server (``arrival.py``: stamped by Ray
+Serve's proxy, so the proxy and router queues count) to the moment the first output token
+was written to the client's stream (``on_written``); a non-streaming answer has no such
+moment and stops the clock at the first token from the engine. TPOT per choice is
+``(t_last - t_first) / (tokens - 1)`` over the engine's deltas, averaged over choices.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class RequestMeter:
     arrival: float
     prompt_tokens: int = 0
     choices: dict[int, _Choice] = field(default_factory=dict)
+    first_written: float | None = None
     finished: bool = False
 
     def on_tokens(self, index: int, n_tokens: int, now: float) -> None:
@@ -38,11 +42,18 @@ class RequestMeter:
         c.last = now
         c.tokens += n_tokens
 
+    def on_written(self, now: float) -> None:
+        """The first token's bytes were handed to the client's connection."""
+        if self.first_written is None:
+            self.first_written = now
+
     @property
     def completion_tokens(self) -> int:
         return sum(c.tokens for c in self.choices.values())
 
     def ttft(self) -> float | None:
+        if self.first_written is not None:
+            return self.first_written - self.arrival
         firsts = [c.first for c in self.choices.values() if c.first is not None]
         return (min(firsts) - self.arrival) if firsts else None
 

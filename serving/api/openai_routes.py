@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..engine.errors import AdapterLoadError, EngineError
 from ..engine.protocol import AdapterRef, GenerateRequest, SamplingOptions, TokenDelta
+from .arrival import RECEIVED_AT_HEADER, queued_seconds
 from .errors import (
     APIError,
     InvalidRequest,
@@ -260,10 +261,15 @@ async def _admit(
     services: ApiServices, request: Request, model_cls: type[ChatCompletionRequest] | type[CompletionRequest]
 ) -> tuple[Any, Any, Resolved, float]:
     arrival = services.clock()
+    queued = 0.0
+    if services.trust_arrival_stamp:
+        queued = queued_seconds(request.headers.get(RECEIVED_AT_HEADER), services.wall_clock())
     tenant = await services.tenancy.authenticate(request.headers.get("authorization"))
+    if services.trust_arrival_stamp:
+        services.metrics.queue.labels(tenant.name).observe(queued)
     body = parse_body(model_cls, await read_json(request, services.max_body_bytes))
     resolved = await services.tenancy.resolve(tenant, body.model)
-    return tenant, body, resolved, arrival
+    return tenant, body, resolved, arrival - queued
 
 
 def _check_quota(services: ApiServices, tenant: Any, cost: int, label: str) -> None:
@@ -444,7 +450,8 @@ async def _stream(gen: Generation, kind: str, include_usage: bool) -> AsyncItera
                 yield chunk(i, None, None, first=True)
         async for i, delta in gen.deltas():
             if delta.text:
-                yield chunk(i, delta.text, None)
+                yield chunk(i, delta.text, None)  # returns once the server has sent it
+                gen.meter.on_written(gen.services.clock())
             if delta.finish_reason:
                 yield chunk(i, None, delta.finish_reason)
         if include_usage:

@@ -53,6 +53,8 @@ class ApiServices:
     # (sha256), unless public_metrics is set (a single-user development box).
     metrics_key_hash: str | None = None
     public_metrics: bool = False
+    # The HTTP proxy stamps each request's arrival (``arrival.py``); only then is it read.
+    trust_arrival_stamp: bool = False
     tenancy: Tenancy = field(init=False)
 
     def __post_init__(self) -> None:

@@ -83,6 +83,8 @@ class EngineStats:
     extra: dict[str, float] = field(default_factory=dict)
     healthy: bool = True
     """False once the replica's engine has died (the replica is about to be replaced)."""
+    engine_pids: tuple[int, ...] = ()
+    """The engine's own processes (vLLM's engine core), so /health can be checked against them."""
 
 
 @runtime_checkable

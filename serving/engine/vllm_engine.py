@@ -234,6 +234,21 @@ class VLLMEngine:
 
     # -- introspection ----------------------------------------------------------------
 
+    @property
+    def alive(self) -> bool:
+        """The engine was started and has not died (vLLM notices a dead core at once)."""
+        return self._llm is not None and not self._llm.errored
+
+    def engine_pids(self) -> tuple[int, ...]:
+        """Pids of the engine-core processes (none when the engine runs in-process).
+
+        vLLM exposes its process manager only through its client's internals; a version
+        that moves them makes this empty, never wrong."""
+        manager = getattr(getattr(getattr(self._llm, "engine_core", None), "resources", None),
+                          "engine_manager", None)
+        procs = getattr(manager, "processes", None) or []
+        return tuple(p.pid for p in procs if p.pid is not None)
+
     async def stats(self) -> EngineStats:
         return EngineStats(
             replica_id=self.replica_id,
@@ -241,7 +256,8 @@ class VLLMEngine:
             in_flight=self._in_flight,
             max_loras=self.config.max_loras,
             max_cpu_loras=self.config.max_cpu_loras,
-            healthy=self._llm is not None and not self._llm.errored,
+            healthy=self.alive,
+            engine_pids=self.engine_pids(),
         )
 
     async def shutdown(self) -> None:
