@@ -49,10 +49,17 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
     CREATE INDEX adapters_shared ON adapters(shared);
     CREATE TABLE replicas (replica_id TEXT PRIMARY KEY, adapter_ids TEXT NOT NULL);
     """),
+    # Adapters are content: where to get them anywhere (secretRef, the shared store's copy).
+    # `local_path` stays as a legacy column (written '', never read) so that a pod of the
+    # previous version sharing this file can still insert during a rolling upgrade.
+    (2, """
+    ALTER TABLE adapters ADD COLUMN secret_ref TEXT;
+    ALTER TABLE adapters ADD COLUMN stored_at TEXT;
+    """),
 )
 
 _ADAPTER_COLUMNS = ("tenant, name, source, base_model, digest, rank, alpha, target_modules, "
-                    "size_bytes, local_path, shared, created_at")
+                    "size_bytes, local_path, shared, created_at, secret_ref, stored_at")
 
 
 def _tenant(row: sqlite3.Row) -> Tenant:
@@ -72,8 +79,8 @@ def _adapter(row: sqlite3.Row) -> AdapterRecord:
         tenant=row["tenant"], name=row["name"], source=row["source"],
         base_model=row["base_model"], digest=row["digest"], rank=row["rank"],
         alpha=row["alpha"], target_modules=tuple(json.loads(row["target_modules"])),
-        size_bytes=row["size_bytes"], local_path=row["local_path"], shared=bool(row["shared"]),
-        created_at=row["created_at"])
+        size_bytes=row["size_bytes"], shared=bool(row["shared"]), created_at=row["created_at"],
+        secret_ref=row["secret_ref"], stored_at=row["stored_at"])
 
 
 def _bump(conn: sqlite3.Connection) -> None:
@@ -224,10 +231,10 @@ class SQLiteRegistry(Registry):
             _require_tenant(conn, r.tenant)
             conn.execute(
                 f"INSERT OR REPLACE INTO adapters ({_ADAPTER_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (r.tenant, r.name, r.source, r.base_model, r.digest, r.rank, r.alpha,
-                 json.dumps(list(r.target_modules)), r.size_bytes, r.local_path, int(r.shared),
-                 r.created_at))
+                 json.dumps(list(r.target_modules)), r.size_bytes, "", int(r.shared),
+                 r.created_at, r.secret_ref, r.stored_at))
 
         await self._run(op, write=True)
 

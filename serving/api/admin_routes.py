@@ -25,7 +25,7 @@ from lorafleet.adapters.keys import generate_key, hash_key
 from lorafleet.adapters.model import AdapterRecord, ApiKey, Quota, Tenant
 from lorafleet.adapters.validation import ValidationLimits
 
-from ..engine.errors import EngineError
+from ..engine.errors import EngineError, public_message
 from ..engine.protocol import AdapterRef
 from .errors import (
     Conflict,
@@ -57,6 +57,9 @@ class AdapterBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="Adapter name inside the tenant (the API's `model`).")
     source: str = Field(description="Path, file://, hf://, http(s):// or s3:// URI.")
+    secret_ref: str | None = Field(
+        default=None, description="Secret holding the source's credentials, mounted on every "
+        "serving pod under the adapter secrets dir (lorafleet.adapters.secrets).")
     shared: bool = Field(default=False, description="Visible to every tenant.")
     load: bool = Field(default=True, description="Load it on the engine replicas now.")
 
@@ -115,9 +118,10 @@ def build_admin_router(services: ApiServices) -> APIRouter:
     async def load(a: AdapterRecord, replicas: int | None) -> None:
         started = services.clock()
         try:
-            await services.engines.load_adapter(AdapterRef(a.adapter_id, a.local_path), replicas)
+            await services.engines.load_adapter(AdapterRef.of(a), replicas)
         except EngineError as e:
-            raise ServiceUnavailable(f"Adapter `{a.name}` could not be loaded: {e}") from e
+            raise ServiceUnavailable(
+                f"Adapter `{a.name}` could not be loaded: {public_message(e)}") from e
         services.metrics.adapter_load.observe(services.clock() - started)
 
     @router.post("/tenants", status_code=201)
@@ -202,6 +206,9 @@ def build_admin_router(services: ApiServices) -> APIRouter:
                 base=intake.base,
                 limits=ValidationLimits(max_rank=intake.max_rank, max_bytes=intake.max_bytes),
                 work_dir=intake.work_dir,
+                secret_ref=b.secret_ref,
+                secrets=intake.secrets,
+                store=intake.store,
             )
         except InvalidName as e:
             raise InvalidRequest(str(e), param="name") from e

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from ..engine.errors import AdapterLoadError, EngineError
+from ..engine.errors import AdapterLoadError, EngineError, public_message
 from ..engine.protocol import AdapterRef, GenerateRequest, SamplingOptions, TokenDelta
 from .errors import (
     APIError,
@@ -199,7 +199,7 @@ class Generation:
         self.meter = RequestMeter(services.metrics, tenant_name, label, arrival)
         self.meter.prompt_tokens = sum(len(p.token_ids) for p in prompts)
         self.reserved_tokens = sum(p.max_tokens for p in prompts) * body.n
-        ref = AdapterRef(adapter.adapter_id, adapter.local_path) if adapter else None
+        ref = AdapterRef.of(adapter) if adapter else None
         priority = body.lorafleet.priority if body.lorafleet else 0
         self.engine_requests = []
         for p_index, prompt in enumerate(prompts):
@@ -243,7 +243,8 @@ class Generation:
                 self.meter.on_tokens(i, len(delta.token_ids), clock())
                 yield i, delta
         except AdapterLoadError as e:
-            raise ServiceUnavailable(f"The model `{self.resolved.model}` could not be loaded: {e}") from e
+            raise ServiceUnavailable(
+                f"The model `{self.resolved.model}` could not be loaded: {public_message(e)}") from e
         except EngineError as e:
             raise ServiceUnavailable("The engine is unavailable; retry shortly.") from e
 

@@ -15,6 +15,8 @@ from pathlib import Path
 from lorafleet.adapters.basemodel import BaseModelInfo
 from lorafleet.adapters.keys import hash_key
 from lorafleet.adapters.registry import Registry
+from lorafleet.adapters.secrets import SecretResolver
+from lorafleet.adapters.store import SharedStore
 
 from ..engine.client import EngineClient
 from ..metrics import ServingMetrics
@@ -34,6 +36,8 @@ class AdapterIntake:
     max_rank: int
     max_bytes: int
     cache_bytes: int
+    store: SharedStore | None = None  # imports copy adapters here, for every node to fetch
+    secrets: SecretResolver | None = None  # secretRef name -> source credentials
 
 
 @dataclass
