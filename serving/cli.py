@@ -42,6 +42,12 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--public-metrics", action="store_true", default=None,
                    help="Serve /metrics without a credential (it names tenants and adapters).")
     p.add_argument("--ray-address", default=None, help="Attach to this Ray cluster.")
+    p.add_argument("--adapter-store", default=None,
+                   help="Shared adapter store every node reads: s3://bucket/prefix or "
+                   "file:///dir (or LORAFLEET_ADAPTER_STORE; default: none, fetch from sources).")
+    p.add_argument("--adapter-secrets-dir", default=None,
+                   help="Mounted secretRef credentials, <dir>/<secret>/<KEY> "
+                   "(default <data-dir>/secrets).")
     p.add_argument("--max-loras", type=int, default=4, help="Adapter slots per batch.")
     p.add_argument("--max-lora-rank", type=int, default=32, help="Largest adapter rank.")
     p.add_argument("--max-cpu-loras", type=int, default=32, help="Adapters resident per replica.")
@@ -104,6 +110,7 @@ def _settings(args: argparse.Namespace) -> Any:
 
     given = {k: getattr(args, k) for k in (
         "host", "port", "data_dir", "registry_url", "admin_key", "replicas", "ray_address",
+        "adapter_store", "adapter_secrets_dir",
         "public_metrics", "ingress_replicas",
     ) if getattr(args, k, None) is not None}
     return ServeSettings(**given)

@@ -143,6 +143,23 @@ class EngineConfig(BaseModel):
         return v
 
 
+class AdapterFilesConfig(BaseModel):
+    """Where an engine replica keeps and finds adapter files (it travels to Ray actors).
+
+    Paths are read on the replica's own node: every node has its own data directory (an
+    emptyDir or a local disk), never shared; what is shared is ``store``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data_dir: str = Field(description="This node's data directory (adapter cache, scratch).")
+    store: str | None = Field(
+        default=None, description="Shared adapter store (s3://bucket/prefix or file:///dir).")
+    secrets_dir: str = Field(description="Mounted secretRef credentials: <dir>/<name>/<KEY>.")
+    cache_bytes: int = Field(default=10 * 2**30, ge=0, description="Bound of the adapter cache.")
+    max_bytes: int = Field(default=512 * 2**20, ge=1, description="Largest adapter accepted.")
+
+
 class ServeSettings(BaseSettings):
     """Everything ``lorafleet serve`` needs; flags override ``LORAFLEET_*`` variables."""
 
@@ -182,9 +199,27 @@ class ServeSettings(BaseSettings):
     adapter_cache_bytes: int = Field(
         default=10 * 2**30, description="Bound of the on-disk adapter cache."
     )
+    adapter_store: str | None = Field(
+        default=None,
+        description="Shared adapter store every node reads (s3://bucket/prefix, or file:///dir "
+        "on one machine); imports copy adapters there, nodes that lack one fetch it by digest. "
+        "Unset: nodes fetch from each adapter's source.",
+    )
+    adapter_secrets_dir: Path | None = Field(
+        default=None,
+        description="Where adapters' secretRef credentials are mounted, one directory per "
+        "secret with one file per key (default: data_dir/secrets).",
+    )
 
     def registry(self) -> str:
         """The registry URL, defaulting to SQLite inside the data directory."""
         if self.registry_url:
             return self.registry_url
         return f"sqlite:///{(self.data_dir / 'registry.db').resolve()}"
+
+    def adapter_files(self) -> AdapterFilesConfig:
+        """What an engine replica needs to fetch adapters onto its own node."""
+        return AdapterFilesConfig(
+            data_dir=str(self.data_dir), store=self.adapter_store,
+            secrets_dir=str(self.adapter_secrets_dir or self.data_dir / "secrets"),
+            cache_bytes=self.adapter_cache_bytes, max_bytes=self.adapter_max_bytes)

@@ -131,31 +131,51 @@ def engine_deployment(
         **engine_options(config, num_replicas, autoscaling, resources=resources),
     )
     class EngineReplica:
-        async def __init__(self, engine_config: dict[str, Any]) -> None:
+        """One vLLM engine behind Ray Serve, with adapters brought to its own node.
+
+        Adapters arrive as ``AdapterRef`` (id + content: digest, source, secretRef, the shared
+        store's copy), never as paths. The engine's ``AdapterFiles`` is a ``Materializer``
+        rooted in ``adapter_files.data_dir`` *as seen on this replica's node* (each node has its
+        own): a miss fetches by digest from the shared store, else the source, verifies and
+        validates, caches, and pins the files while the adapter is resident. ``adapter_files``
+        unset: ``ServeSettings()`` of this node's environment (``LORAFLEET_DATA_DIR``,
+        ``LORAFLEET_ADAPTER_STORE``...).
+        """
+
+        async def __init__(
+            self, engine_config: dict[str, Any], adapter_files: dict[str, Any] | None = None
+        ) -> None:
+            from .assemble import make_materializer
+            from .config import AdapterFilesConfig
             from .engine.vllm_engine import VLLMEngine
 
             # Before vLLM: a replica without the devices it asked for says so, not hangs.
             check_replica_devices(resources, observe_devices())
 
             ctx = serve.get_replica_context()
-            self.engine = VLLMEngine(EngineConfig(**engine_config), replica_id=ctx.replica_id.unique_id)
-            self._paths: dict[str, str] = {}
+            cfg = EngineConfig(**engine_config)
+            files = AdapterFilesConfig(**adapter_files) if adapter_files is not None \
+                else ServeSettings().adapter_files()
+            self.engine = VLLMEngine(cfg, replica_id=ctx.replica_id.unique_id,
+                                     adapter_files=make_materializer(cfg, files))
+            # The multiplexer loads by id; this is what the id stands for (content, no path).
+            self._refs: dict[str, AdapterRef] = {}
             await self.engine.start()
 
         @serve.multiplexed(max_num_models_per_replica=config.max_cpu_loras)
         async def _adapter(self, adapter_id: str) -> _ResidentAdapter:
-            await self.engine.load_adapter(AdapterRef(adapter_id, self._paths[adapter_id]))
+            await self.engine.load_adapter(self._refs[adapter_id])
             return _ResidentAdapter(self.engine, adapter_id)
 
         async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
             if request.adapter is not None:
-                self._paths[request.adapter.adapter_id] = request.adapter.path
+                self._refs[request.adapter.adapter_id] = request.adapter
                 await self._adapter(request.adapter.adapter_id)
             async for delta in coalesced(self.engine.generate(request)):
                 yield delta
 
         async def load_adapter(self, adapter: AdapterRef) -> str:
-            self._paths[adapter.adapter_id] = adapter.path
+            self._refs[adapter.adapter_id] = adapter
             await self._adapter(adapter.adapter_id)
             return self.engine.replica_id
 
@@ -248,6 +268,8 @@ class Ingress:
             adapter_cache_bytes=s.adapter_cache_bytes,
             metrics_key=s.metrics_key,
             public_metrics=s.public_metrics,
+            adapter_store=s.adapter_store,
+            adapter_secrets_dir=s.adapter_secrets_dir,
         )
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -261,7 +283,7 @@ def application(
 ) -> Any:
     """The Serve application graph: engine replicas bound into the ingress."""
     engines = engine_deployment(engine_config, settings.replicas, autoscaling).bind(
-        engine_config.model_dump()
+        engine_config.model_dump(), settings.adapter_files().model_dump()
     )
     ingress = Ingress.options(num_replicas=settings.ingress_replicas)
     return ingress.bind(settings.model_dump(mode="json"), engine_config.model_dump(), engines)

@@ -15,6 +15,20 @@ class EngineError(Exception):
     """Base class of engine failures."""
 
 
+def public_message(exc: BaseException, limit: int = 300) -> str:
+    """A short, single-line reason that may reach a client: never a traceback.
+
+    Ray re-raises a replica's exception as ``RayTaskError(<cause type>)`` whose text is the
+    whole remote traceback (file paths, pid, node IP, actor id); its ``cause`` is the original.
+    """
+    while isinstance(getattr(exc, "cause", None), BaseException):
+        exc = exc.cause  # type: ignore[attr-defined]
+    reason = getattr(exc, "reason", None)
+    text = reason if isinstance(reason, str) else str(exc)
+    line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 class EngineOverloaded(EngineError):
     """No capacity for another request right now."""
 
