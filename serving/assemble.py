@@ -13,12 +13,14 @@ from lorafleet.adapters.basemodel import load_base_model_info
 from lorafleet.adapters.cache import AdapterCache
 from lorafleet.adapters.keys import hash_key
 from lorafleet.adapters.materialize import Materializer
-from lorafleet.adapters.registry import open_registry
+from lorafleet.adapters.registry import RedisRegistry, Registry, open_registry
 from lorafleet.adapters.secrets import SecretResolver
 from lorafleet.adapters.store import open_store
 from lorafleet.adapters.validation import ValidationLimits
 
 from .api.prompts import PromptRenderer
+from .api.quotas import QuotaBook, Quotas
+from .api.quotas_redis import RedisQuotaBook
 from .api.services import AdapterIntake, ApiServices
 from .config import AdapterFilesConfig, EngineConfig
 from .engine.client import EngineClient
@@ -77,6 +79,15 @@ def make_materializer(engine_config: EngineConfig, files: AdapterFilesConfig) ->
     )
 
 
+def make_quotas(registry: Registry, metrics: ServingMetrics) -> Quotas:
+    """Quotas live where the registry lives: in Redis (cluster-wide, every ingress replica
+    draws on one budget) when the registry is Redis, else in this process."""
+    if isinstance(registry, RedisRegistry):
+        return RedisQuotaBook(registry.url, namespace=registry.ns,
+                              on_fail_open=metrics.quota_fail_open.inc)
+    return QuotaBook()
+
+
 def make_services(
     *,
     engine_config: EngineConfig,
@@ -97,14 +108,17 @@ def make_services(
         engine_config, data_dir, max_bytes=adapter_max_bytes, cache_bytes=adapter_cache_bytes,
         store_url=adapter_store, secrets_dir=adapter_secrets_dir,
     )
+    registry = open_registry(registry_url)
+    metrics = ServingMetrics(top_k_adapters)
     return ApiServices(
         served_model_name=engine_config.served_model_name,
-        registry=open_registry(registry_url),
+        registry=registry,
         engines=engines,
         renderer=PromptRenderer.from_model_dir(engine_config.model_dir, engine_config.max_model_len),
         admin_key_hash=hash_key(admin_key),
         intake=intake,
-        metrics=ServingMetrics(top_k_adapters),
+        metrics=metrics,
+        quotas=make_quotas(registry, metrics),
         max_body_bytes=max_body_bytes,
         metrics_key_hash=hash_key(metrics_key) if metrics_key else None,
         public_metrics=public_metrics,

@@ -346,6 +346,16 @@ def _admin_parsers(sub: Any) -> None:
     p.set_defaults(func=lambda a: _admin_call(
         a, "DELETE", f"/admin/v1/tenants/{a.tenant}/adapters/{a.name}"))
 
+    g = sub.add_parser("registry", help="The registry's identity: reset and rollback guard.")
+    g = g.add_subparsers(dest="op", required=True)
+    p = g.add_parser("status", parents=[common],
+                     help="The registry identity the server trusts, and whether it refuses it.")
+    p.set_defaults(func=lambda a: _admin_call(a, "GET", "/admin/v1/registry"))
+    p = g.add_parser("accept-restore", parents=[common],
+                     help="Accept the registry as it is now (restored from a backup, or emptied "
+                     "on purpose); every ingress stops refusing it.")
+    p.set_defaults(func=lambda a: _admin_call(a, "POST", "/admin/v1/registry/accept-restore"))
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorafleet", description=__doc__.splitlines()[0])

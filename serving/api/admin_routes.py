@@ -23,6 +23,7 @@ from lorafleet.adapters.errors import (
 from lorafleet.adapters.ingest import import_adapter
 from lorafleet.adapters.keys import generate_key, hash_key
 from lorafleet.adapters.model import AdapterRecord, ApiKey, Quota, Tenant
+from lorafleet.adapters.registry.identity import RegistryIdentity, RegistryTrust
 from lorafleet.adapters.validation import ValidationLimits
 
 from ..engine.errors import EngineError, public_message
@@ -79,6 +80,8 @@ def build_admin_router(services: ApiServices) -> APIRouter:
 
     async def guard(request: Request) -> None:
         services.check_admin(request.headers.get("authorization"))
+        if request.method != "GET":  # no writes into a registry that was reset or rolled back
+            await services.tenancy.check_writable()
         # Every admin route may write the registry: drop this process's cached lookups.
         services.tenancy.invalidate()
 
@@ -267,6 +270,29 @@ def build_admin_router(services: ApiServices) -> APIRouter:
         except EngineError as e:
             raise ServiceUnavailable(f"Adapter unregistered but not yet unloaded: {e}") from e
         return Response(status_code=204)
+
+    def identity_json(i: RegistryIdentity | None) -> dict[str, Any] | None:
+        return None if i is None else {"registry_id": i.registry_id, "generation": i.generation,
+                                       "supersedes": sorted(i.supersedes)}
+
+    def trust_json(t: RegistryTrust) -> dict[str, Any]:
+        return {"trusted": t.trusted, "refused": t.refused, "known": identity_json(t.known),
+                "seen": identity_json(t.seen)}
+
+    @router.get("/registry")
+    async def registry_status(request: Request) -> Any:
+        """What this ingress believes about the registry: the identity it trusts, the one it
+        last read, and whether it refuses the registry as reset or rolled back."""
+        services.check_admin(request.headers.get("authorization"))
+        return trust_json(await services.tenancy.refresh_trust())
+
+    @router.post("/registry/accept-restore")
+    async def accept_restore(request: Request) -> Any:
+        """Accept the registry as it is now (after a restore from backup, or knowingly starting
+        over): it gets a new id that every ingress adopts on its next read."""
+        services.check_admin(request.headers.get("authorization"))
+        await services.tenancy.accept_restore()
+        return trust_json(services.tenancy.trust)
 
     @router.get("/replicas")
     async def replicas(request: Request) -> Any:

@@ -267,8 +267,8 @@ async def _admit(
     return tenant, body, resolved, arrival
 
 
-def _check_quota(services: ApiServices, tenant: Any, cost: int, label: str) -> None:
-    decision = services.quotas.admit(tenant.name, tenant.quota, cost, services.clock())
+async def _check_quota(services: ApiServices, tenant: Any, cost: int, label: str) -> None:
+    decision = await services.quotas.admit(tenant.name, tenant.quota, cost, services.clock())
     if isinstance(decision, Refuse):
         services.metrics.rate_limited.labels(tenant.name, decision.reason).inc()
         services.metrics.requests.labels(tenant.name, label, "429").inc()
@@ -333,7 +333,7 @@ def build_openai_router(services: ApiServices) -> APIRouter:
             f"{resolved.adapter.tenant}/{resolved.adapter.name}" if resolved.adapter else None
         )
         cost = sum(len(p.token_ids) + p.max_tokens * body.n for p in prompts)
-        _check_quota(services, tenant, cost, label)
+        await _check_quota(services, tenant, cost, label)
         gen = Generation(services, tenant.name, tenant.quota, resolved, prompts, body, arrival)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
