@@ -190,14 +190,20 @@ def check_replica_devices(resources: ReplicaResources, facts: DeviceFacts) -> No
             f"runtime sees {facts.visible_devices} ({where})")
 
 
-def observe_devices() -> DeviceFacts:
-    """Read the replica process's devices: Ray's assignment and what vLLM's platform opens."""
+def observe_devices(platform: str | None = None) -> DeviceFacts:
+    """Read the replica process's devices: Ray's assignment and what vLLM's platform opens.
+
+    ``platform`` (vLLM's device type) is looked up from vLLM when not given; a caller that knows
+    it (a test's stand-in replica, which must not import vLLM) passes it.
+    """
     import os
 
     import ray
-    from vllm.platforms import current_platform
 
-    platform = str(current_platform.device_type)
+    if platform is None:
+        from vllm.platforms import current_platform
+
+        platform = str(current_platform.device_type)
     visible = 0
     if platform in _GPU_PLATFORMS:
         import torch
