@@ -19,11 +19,13 @@ from lorafleet.serving.config import AdapterFilesConfig, EngineConfig
 from lorafleet.serving.engine.protocol import AdapterRef
 
 
-def node_files(config: EngineConfig, data_dir: Path | None = None) -> Materializer:
-    """The materializer a replica with data directory `data_dir` (default: a new temp) uses."""
+def node_files(config: EngineConfig, data_dir: Path | None = None,
+               store: str | None = None) -> Materializer:
+    """The materializer a replica with data directory `data_dir` (default: a new temp) and the
+    shared adapter store `store` uses."""
     data = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="node-"))
-    return make_materializer(config, AdapterFilesConfig(data_dir=str(data),
-                                                        secrets_dir=str(data / "secrets")))
+    return make_materializer(config, AdapterFilesConfig(
+        data_dir=str(data), secrets_dir=str(data / "secrets"), store=store))
 
 
 def local_ref(adapter_id: str, path: Path, model_dir: Path | str, served_name: str) -> AdapterRef:
