@@ -284,7 +284,8 @@ class RedisRegistry(Registry):
         async with self._guard():
             registry_id, gen = await self._redis.mget(self._k("id"), self._k("gen"))
             supersedes = await self._redis.smembers(self._k("supersedes"))
-        return RegistryIdentity(registry_id, int(gen or 0), frozenset(_strs(supersedes)))
+        return RegistryIdentity(str(registry_id) if registry_id else None, int(gen or 0),
+                                frozenset(_strs(supersedes)))
 
     async def accept_restore(self, supersede: frozenset[str] = frozenset()) -> RegistryIdentity:
         id_k, sup_k = self._k("id"), self._k("supersedes")

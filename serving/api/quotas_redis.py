@@ -156,14 +156,14 @@ class RedisQuotaSettings(BaseModel):
     """Timing of the Redis quota book (defaults suit a cluster; tests shorten them)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    lease_ttl_s: float = Field(30.0, gt=0, description="A concurrency slot's lease lifetime "
+    lease_ttl_s: float = Field(default=30.0, gt=0, description="A concurrency slot's lease lifetime "
                                "without renewal: the bound on slots held by a dead ingress.")
-    renew_every_s: float = Field(10.0, gt=0, description="How often held leases are renewed "
+    renew_every_s: float = Field(default=10.0, gt=0, description="How often held leases are renewed "
                                  "(well under lease_ttl_s).")
-    retry_after_s: float = Field(2.0, ge=0, description="After Redis failed, decide locally "
+    retry_after_s: float = Field(default=2.0, ge=0, description="After Redis failed, decide locally "
                                  "for this long before trying Redis again.")
-    timeout_s: float = Field(1.0, gt=0, description="Socket connect and read timeout.")
-    max_connections: int = Field(32, ge=1, description="Connections to Redis per process; "
+    timeout_s: float = Field(default=1.0, gt=0, description="Socket connect and read timeout.")
+    max_connections: int = Field(default=32, ge=1, description="Connections to Redis per process; "
                                  "admissions beyond that wait up to timeout_s for one.")
 
 

@@ -182,10 +182,17 @@ class Tenancy:
             if reset is not None:  # the registry answers, but its answer cannot be believed
                 raise ServiceUnavailable(RESET_MESSAGE) from reset
             try:
+                if gen == -1:
+                    # The identity read failed (a blip, or the first command on a connection
+                    # to a restarted server): read it again before believing a "no such key"
+                    # from a store that may have come back empty.
+                    gen = await self._current_generation()
                 record = await self.registry.find_key(digest)
                 tenant = None
                 if record is not None and not record.revoked and keys_match(record.key_hash, digest):
                     tenant = await self.registry.get_tenant(record.tenant)
+            except RegistryReset as e:
+                raise ServiceUnavailable(RESET_MESSAGE) from e
             except RegistryUnavailable as e:
                 raise ServiceUnavailable("The tenant registry is unavailable; retry shortly.") from e
             if len(self._keys) > 10_000:
