@@ -121,14 +121,14 @@ def engine_deployment(
     *, resources: ReplicaResources | None = None,
 ) -> Any:
     """The engine replica deployment class, parametrised by the engine's adapter capacity."""
-    resources = resources or replica_resources(config)
+    devices: ReplicaResources = resources or replica_resources(config)
 
     @serve.deployment(
         name="EngineReplica",
         max_ongoing_requests=max(8, config.max_num_seqs * 2),
         health_check_period_s=10,
         health_check_timeout_s=60,
-        **engine_options(config, num_replicas, autoscaling, resources=resources),
+        **engine_options(config, num_replicas, autoscaling, resources=devices),
     )
     class EngineReplica:
         """One vLLM engine behind Ray Serve, with adapters brought to its own node.
@@ -150,7 +150,7 @@ def engine_deployment(
             from .engine.vllm_engine import VLLMEngine
 
             # Before vLLM: a replica without the devices it asked for says so, not hangs.
-            check_replica_devices(resources, observe_devices())
+            check_replica_devices(devices, observe_devices())
 
             ctx = serve.get_replica_context()
             cfg = EngineConfig(**engine_config)
