@@ -3,7 +3,9 @@ registered. Serving and the operator both build on it; it imports nothing from t
 
 Modules: `model` (records), `keys` (API keys), `errors`, `basemodel` (served model shapes),
 `validation`, `digest`, `sources` (fetching), `cache` (on-disk LRU), `ingest` (the import
-pipeline), `registry` (SQLite and Redis backends).
+pipeline), `registry` (SQLite and Redis backends), `store` (the shared, content-addressed adapter
+store), `secrets` (secretRef -> credentials), `materialize` (a node fetches what it lacks, by
+digest).
 """
 
 from .basemodel import BaseModelInfo, base_model_info_from_config, load_base_model_info
@@ -23,13 +25,17 @@ from .errors import (
 )
 from .ingest import import_adapter
 from .keys import generate_key, hash_key, key_id_of, keys_match
-from .model import AdapterRecord, ApiKey, Quota, Tenant, adapter_id_of, validate_name
+from .materialize import Materializer
+from .model import AdapterContent, AdapterRecord, ApiKey, Quota, Tenant, adapter_id_of, validate_name
 from .registry import RedisRegistry, Registry, SQLiteRegistry, open_registry
+from .secrets import SecretResolver
 from .sources import FetchCredentials, fetch_adapter
+from .store import FileStore, S3Store, SharedStore, open_store
 from .validation import AdapterManifest, ValidationLimits, validate_adapter_dir
 
 __all__ = [
     "AdapterCache",
+    "AdapterContent",
     "AdapterError",
     "AdapterFetchError",
     "AdapterManifest",
@@ -41,14 +47,19 @@ __all__ = [
     "CacheError",
     "CacheFull",
     "FetchCredentials",
+    "FileStore",
     "InvalidName",
+    "Materializer",
     "NotFound",
     "Quota",
     "RedisRegistry",
     "Registry",
     "RegistryError",
     "RegistryUnavailable",
+    "S3Store",
     "SQLiteRegistry",
+    "SecretResolver",
+    "SharedStore",
     "Tenant",
     "ValidationLimits",
     "adapter_id_of",
@@ -63,6 +74,7 @@ __all__ = [
     "keys_match",
     "load_base_model_info",
     "open_registry",
+    "open_store",
     "validate_adapter_dir",
     "validate_name",
 ]

@@ -5,10 +5,13 @@ Boundary: files only; no knowledge of tenants or registries. Layout:
     <root>/<digest>/            one validated adapter (immutable once there)
     <root>/.staging/            temp dirs: entries are written here, then renamed into place
     <root>/.pins/<digest>.<pid>.<n>   one file per pin, so other processes see pins too
+    <root>/.keep/<digest>       the entry may be the only copy anywhere: never evicted
 
 Recency is the entry directory's mtime (touched by `get`/`put`): no index file to corrupt.
-`decide_evictions` (pure) picks the victims; eviction renames an entry away before deleting it,
-so a reader sees a whole entry or none.
+`decide_evictions` (pure) picks the victims: least recently used first, never a pinned entry
+(in use: loaded in an engine, or being read) and never a kept one (nothing could bring it back:
+no shared store copy and a source another node cannot read). Eviction renames an entry away
+before deleting it, so a reader sees a whole entry or none.
 """
 
 from __future__ import annotations
@@ -57,18 +60,21 @@ class CacheEntry:
 
 
 def decide_evictions(
-    entries: Sequence[CacheEntry], max_bytes: int, pinned: frozenset[str]
+    entries: Sequence[CacheEntry], max_bytes: int, pinned: frozenset[str],
+    kept: frozenset[str] = frozenset(),
 ) -> list[str]:
-    """Least recently used unpinned entries to drop until the total fits `max_bytes`.
+    """Least recently used entries to drop until the total fits `max_bytes`.
 
-    Pinned entries are never chosen, even if the cache stays over budget because of them.
+    Pinned entries (in use) and kept ones (possibly the only copy of a registered adapter) are
+    never chosen, even if the cache stays over budget because of them: a full cache is an
+    operational problem, a deleted only copy is lost data.
     """
     total = sum(e.size_bytes for e in entries)
     victims = []
     for entry in sorted(entries, key=lambda e: (e.last_used, e.digest)):
         if total <= max_bytes:
             break
-        if entry.digest in pinned:
+        if entry.digest in pinned or entry.digest in kept:
             continue
         victims.append(entry.digest)
         total -= entry.size_bytes
@@ -95,7 +101,8 @@ class AdapterCache:
         self.max_bytes = max_bytes
         self._staging = self.root / ".staging"
         self._pins = self.root / ".pins"
-        for d in (self.root, self._staging, self._pins):
+        self._keep = self.root / ".keep"
+        for d in (self.root, self._staging, self._pins, self._keep):
             d.mkdir(parents=True, exist_ok=True)
         # Guards _pin_files and makes put/evict of one process serial; other processes are
         # kept safe by atomic renames and by pin files on disk.
@@ -137,13 +144,19 @@ class AdapterCache:
 
     # --- writes ---
 
-    def put(self, src_dir: Path | str, digest: str) -> Path:
-        """Copy `src_dir` in as `digest` (no-op when present), evict to fit, return its path."""
+    def put(self, src_dir: Path | str, digest: str, *, keep: bool = False) -> Path:
+        """Copy `src_dir` in as `digest` (no-op when present), evict to fit, return its path.
+
+        `keep`: this copy may be the only one (nothing can fetch it again), so eviction must
+        leave it alone until `unkeep` or `remove`.
+        """
         target = self.path_of(digest)
         src = Path(src_dir)
         if not src.is_dir():
             raise CacheError(f"{src} is not a directory")
         with self._lock:
+            if keep:  # before the entry appears, so no other process's eviction can race it
+                (self._keep / digest).touch()
             if self.get(digest) is None:
                 staging = self._staging / f"{digest}.{uuid.uuid4().hex}"
                 try:
@@ -169,7 +182,8 @@ class AdapterCache:
     def evict(self) -> list[str]:
         """Drop least recently used unpinned entries until under `max_bytes`; return them."""
         with self._lock:
-            victims = decide_evictions(self.entries(), self.max_bytes, self.pinned_digests())
+            victims = decide_evictions(self.entries(), self.max_bytes, self.pinned_digests(),
+                                       self.kept_digests())
             for digest in victims:
                 trash = self._staging / f"evict.{digest}.{uuid.uuid4().hex}"
                 try:
@@ -189,8 +203,19 @@ class AdapterCache:
                 os.rename(self.path_of(digest), trash)
             except FileNotFoundError:
                 return False
+            (self._keep / digest).unlink(missing_ok=True)
             shutil.rmtree(trash, ignore_errors=True)
             return True
+
+    # --- keeps ---
+
+    def kept_digests(self) -> frozenset[str]:
+        """Entries that eviction leaves alone: copies nothing else could bring back."""
+        return frozenset(p.name for p in self._keep.iterdir() if _DIGEST.fullmatch(p.name))
+
+    def unkeep(self, digest: str) -> None:
+        """The entry can be fetched again (e.g. it reached the shared store): evictable again."""
+        (self._keep / self.path_of(digest).name).unlink(missing_ok=True)
 
     # --- pins ---
 

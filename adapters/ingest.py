@@ -1,8 +1,11 @@
-"""Importing an adapter: fetch, validate, cache, register, in that order.
+"""Importing an adapter: fetch, validate, store, cache, register, in that order.
 
 Boundary: orchestration only; each step is another module's. Nothing touches the registry until the
-adapter is fetched, validated and safely in the cache, so a refused adapter leaves no record.
-Blocking steps (network, disk, hashing) run in threads so the event loop keeps serving.
+adapter is fetched, validated, copied to the shared store (when one is configured) and safely in
+the cache, so a refused adapter leaves no record. The record names content (digest, source,
+secretRef, the store's copy), never this node's cache path: other nodes fetch it by digest
+(`materialize`). Blocking steps (network, disk, hashing) run in threads so the event loop keeps
+serving.
 """
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ from pathlib import Path
 from .basemodel import BaseModelInfo
 from .cache import AdapterCache
 from .errors import NotFound
-from .model import AdapterRecord, validate_name
+from .materialize import decide_refetchable
+from .model import AdapterContent, AdapterRecord, validate_name
 from .registry.base import Registry
+from .secrets import SecretResolver
 from .sources import FetchCredentials, fetch_adapter
+from .store import SharedStore
 from .validation import ValidationLimits, validate_adapter_dir
 
 __all__ = ["import_adapter"]
@@ -37,10 +43,15 @@ async def import_adapter(
     limits: ValidationLimits,
     work_dir: Path | str,
     credentials: FetchCredentials | None = None,
+    secret_ref: str | None = None,
+    secrets: SecretResolver | None = None,
+    store: SharedStore | None = None,
     clock: Callable[[], float] = time.time,
 ) -> AdapterRecord:
-    """Fetch `source`, validate it against `base`, cache it and register it for `tenant`.
+    """Fetch `source`, validate it against `base`, store and cache it, register it for `tenant`.
 
+    `secret_ref` names the credentials of the source (read through `secrets` unless
+    `credentials` are given); it is recorded so that other nodes fetch with the same ones.
     Raises `InvalidName`, `NotFound` (unknown tenant), `AdapterFetchError` or
     `AdapterValidationError` before any registry write; `RegistryError` from the final write.
     """
@@ -50,12 +61,21 @@ async def import_adapter(
         raise NotFound(f"tenant {tenant!r} does not exist")
     Path(work_dir).mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="import-", dir=work_dir))
+    stored_at = None
     try:
+        if credentials is None and secret_ref is not None:
+            credentials = await asyncio.to_thread(
+                (secrets or SecretResolver(None)).credentials, secret_ref, source)
         fetched = await asyncio.to_thread(
             fetch_adapter, source, scratch / "fetched", max_bytes=limits.max_bytes,
             credentials=credentials)
         manifest = await asyncio.to_thread(validate_adapter_dir, fetched, base, limits)
-        cached = await asyncio.to_thread(cache.put, fetched, manifest.digest)
+        if store is not None:
+            stored_at = await asyncio.to_thread(store.put, fetched, manifest.digest,
+                                                manifest.files)
+        content = AdapterContent(manifest.digest, source, secret_ref, stored_at)
+        await asyncio.to_thread(cache.put, fetched, manifest.digest,
+                                keep=not decide_refetchable(content))
     finally:
         await asyncio.to_thread(shutil.rmtree, scratch, True)
     record = AdapterRecord(
@@ -68,9 +88,10 @@ async def import_adapter(
         alpha=manifest.alpha,
         target_modules=manifest.target_modules,
         size_bytes=manifest.size_bytes,
-        local_path=str(cached),
         shared=shared,
         created_at=clock(),
+        secret_ref=secret_ref,
+        stored_at=stored_at,
     )
     await registry.put_adapter(record)
     return record

@@ -14,6 +14,7 @@ from .errors import InvalidName
 
 __all__ = [
     "NAME_PATTERN",
+    "AdapterContent",
     "AdapterRecord",
     "ApiKey",
     "Quota",
@@ -127,8 +128,28 @@ class ApiKey:
 
 
 @dataclass(frozen=True, slots=True)
+class AdapterContent:
+    """Where an adapter's bytes can be had on any node: what a replica needs to fetch them.
+
+    `digest` names the content (and is checked after every fetch); `stored_at` is the copy in the
+    shared store when one is configured; `source` (with the credentials `secret_ref` names) is
+    where it was imported from. Never a node-local path: a path means nothing on another node.
+    """
+
+    digest: str
+    source: str
+    secret_ref: str | None = None
+    stored_at: str | None = None
+    size_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class AdapterRecord:
-    """A validated adapter as registered: where it came from, what it is, where it lies on disk."""
+    """A validated adapter as registered: where it came from, what it is, where a copy is kept.
+
+    Content addressed: `digest` + `source` (+ `secret_ref`) + `stored_at` let any node fetch it
+    (see `content`). Records written before that carried `local_path`; it is ignored on read.
+    """
 
     tenant: str
     name: str
@@ -139,9 +160,10 @@ class AdapterRecord:
     alpha: float
     target_modules: tuple[str, ...]
     size_bytes: int
-    local_path: str
     shared: bool = False
     created_at: float = 0.0
+    secret_ref: str | None = None
+    stored_at: str | None = None
 
     def __post_init__(self) -> None:
         validate_name(self.tenant, "tenant name")
@@ -153,6 +175,12 @@ class AdapterRecord:
     def adapter_id(self) -> str:
         return adapter_id_of(self.tenant, self.name, self.digest)
 
+    @property
+    def content(self) -> AdapterContent:
+        """What a replica on any node needs to bring this adapter's files to itself."""
+        return AdapterContent(self.digest, self.source, self.secret_ref, self.stored_at,
+                              self.size_bytes)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["target_modules"] = list(self.target_modules)
@@ -160,6 +188,8 @@ class AdapterRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterRecord:
+        # `local_path` (records of earlier versions) is deliberately not read: it named a
+        # directory on the importing node only.
         return cls(
             tenant=data["tenant"],
             name=data["name"],
@@ -170,7 +200,8 @@ class AdapterRecord:
             alpha=float(data["alpha"]),
             target_modules=tuple(data["target_modules"]),
             size_bytes=int(data["size_bytes"]),
-            local_path=data["local_path"],
             shared=bool(data.get("shared", False)),
             created_at=float(data.get("created_at", 0.0)),
+            secret_ref=data.get("secret_ref") or None,
+            stored_at=data.get("stored_at") or None,
         )

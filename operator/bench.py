@@ -66,7 +66,13 @@ async def _bench(n: int, data_dir: Path, work: Path) -> dict[str, Any]:
     config = EngineConfig(model_dir=str(model_dir), served_model_name=TINY_MODEL_NAME,
                           dtype="float32", max_model_len=512, max_loras=2, max_lora_rank=8,
                           max_cpu_loras=8, kv_cache_bytes=64 * 2**20)
-    engine = VLLMEngine(config, replica_id="replica-0")
+    from lorafleet.serving.assemble import make_materializer
+    from lorafleet.serving.config import AdapterFilesConfig
+
+    # The replica's files live in its own node directory, as on a cluster.
+    node = AdapterFilesConfig(data_dir=str(work / "node"), secrets_dir=str(work / "secrets"))
+    engine = VLLMEngine(config, replica_id="replica-0",
+                        adapter_files=make_materializer(config, node))
     await engine.start()
     services = make_services(engine_config=config, engines=LocalEngineClient([engine]),
                              registry_url=f"sqlite:///{work / 'registry.db'}", data_dir=work,

@@ -133,7 +133,8 @@ async def reconcile_adapter(
                 rolling = decision.reason == "SourceChanged"
                 try:
                     registered = await deps.serving.register_adapter(
-                        aspec.tenant, aspec.name, source_ref(aspec), load=rolling)
+                        aspec.tenant, aspec.name, source_ref(aspec), load=rolling,
+                        secret_ref=aspec.secret_ref)
                 except AdapterRejected as exc:
                     decision = Decision(Action.FAIL, Phase.FAILED, "ValidationFailed",
                                         exc.message)

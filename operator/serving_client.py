@@ -54,11 +54,17 @@ class ServingClient:
         await self._client.aclose()
 
     async def register_adapter(self, tenant: str, name: str, source: str,
-                               *, load: bool = False) -> ServingAdapter:
-        """Fetch, validate and register (`POST .../adapters`); an existing name is replaced."""
+                               *, load: bool = False,
+                               secret_ref: str | None = None) -> ServingAdapter:
+        """Fetch, validate and register (`POST .../adapters`); an existing name is replaced.
+
+        `secret_ref` names the Secret with the source's credentials; serving reads it from its
+        mounted secrets directory (`lorafleet.adapters.secrets`), never the operator's."""
+        body: dict[str, Any] = {"name": name, "source": source, "load": load}
+        if secret_ref is not None:
+            body["secret_ref"] = secret_ref
         try:
-            data = await self._call("POST", f"/tenants/{tenant}/adapters",
-                                    json={"name": name, "source": source, "load": load})
+            data = await self._call("POST", f"/tenants/{tenant}/adapters", json=body)
         except AdapterNotFound as exc:  # the only thing a POST to the collection can miss
             raise TenantMissing(f"tenant {tenant!r} is not registered: {exc.message}",
                                 status=404) from exc

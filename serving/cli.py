@@ -22,7 +22,7 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def _serve_parser(sub: Any) -> None:
-    from .config import SchedulingPolicy
+    from .config import PlacementStrategy, SchedulingPolicy
 
     p = sub.add_parser("serve", help="Run the serving tier (Ray Serve + vLLM) on this machine.")
     demo = p.add_mutually_exclusive_group()
@@ -42,6 +42,12 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--public-metrics", action="store_true", default=None,
                    help="Serve /metrics without a credential (it names tenants and adapters).")
     p.add_argument("--ray-address", default=None, help="Attach to this Ray cluster.")
+    p.add_argument("--adapter-store", default=None,
+                   help="Shared adapter store every node reads: s3://bucket/prefix or "
+                   "file:///dir (or LORAFLEET_ADAPTER_STORE; default: none, fetch from sources).")
+    p.add_argument("--adapter-secrets-dir", default=None,
+                   help="Mounted secretRef credentials, <dir>/<secret>/<KEY> "
+                   "(default <data-dir>/secrets).")
     p.add_argument("--max-loras", type=int, default=4, help="Adapter slots per batch.")
     p.add_argument("--max-lora-rank", type=int, default=32, help="Largest adapter rank.")
     p.add_argument("--max-cpu-loras", type=int, default=32, help="Adapters resident per replica.")
@@ -66,7 +72,27 @@ def _serve_parser(sub: Any) -> None:
                    "(0: paused requests are recomputed).")
     p.add_argument("--kv-offload-disk-dir", default=None,
                    help="tokenflow: spill KV evicted from the host pool here.")
+    p.add_argument("--num-gpus", type=_gpu_request, default="auto", metavar="N|auto",
+                   help="GPUs per tensor-parallel rank of each engine replica, asked of Ray "
+                   "(auto: 1 when this machine sees a CUDA device, else 0; a fraction shares a GPU).")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="Tensor-parallel ranks per engine replica (placement group of one bundle "
+                   "per rank when above 1).")
+    p.add_argument("--placement-strategy", choices=get_args(PlacementStrategy),
+                   default="STRICT_PACK",
+                   help="Ray placement-group strategy of a replica's ranks (tensor parallel only).")
+    p.add_argument("--ingress-replicas", type=int, default=None,
+                   help="Ingress replicas (HTTP front; default 1).")
     p.set_defaults(func=cmd_serve)
+
+
+def _gpu_request(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GPUs or 'auto', got {text!r}") from None
 
 
 def _name_value(text: str) -> tuple[str, float]:
@@ -84,7 +110,8 @@ def _settings(args: argparse.Namespace) -> Any:
 
     given = {k: getattr(args, k) for k in (
         "host", "port", "data_dir", "registry_url", "admin_key", "replicas", "ray_address",
-        "public_metrics",
+        "adapter_store", "adapter_secrets_dir",
+        "public_metrics", "ingress_replicas",
     ) if getattr(args, k, None) is not None}
     return ServeSettings(**given)
 
@@ -127,6 +154,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             kv_offload_host_bytes=int(args.kv_offload_gib * 2**30),
             kv_offload_disk_dir=args.kv_offload_disk_dir,
             scheduling_params=dict(args.scheduling_param),
+            num_gpus=args.num_gpus, tensor_parallel_size=args.tensor_parallel_size,
+            placement_strategy=args.placement_strategy,
         )
     except ValidationError as e:
         raise SystemExit("lorafleet serve: error: " + "; ".join(
@@ -146,7 +175,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         keys = asyncio.run(_seed())
     print(f"Starting LoRAFleet: model {served}, {settings.replicas} engine replica(s)...", flush=True)
-    deploy.run(settings, engine_config, ray_temp_dir=Path("/tmp") / "lorafleet-ray")
+    from .engine.errors import DeviceMismatch
+
+    try:
+        deploy.run(settings, engine_config, ray_temp_dir=Path("/tmp") / "lorafleet-ray")
+    except DeviceMismatch as e:  # e.g. GPUs asked of a Ray that has none: say so, no traceback
+        deploy.shutdown()
+        raise SystemExit(f"lorafleet serve: error: {e}") from None
     base = f"http://{settings.host}:{settings.port}"
     _wait_healthy(base + "/health", timeout=600)
     _banner(base, served, keys, data_dir, time.monotonic() - started)
@@ -310,6 +345,16 @@ def _admin_parsers(sub: Any) -> None:
     p.add_argument("name")
     p.set_defaults(func=lambda a: _admin_call(
         a, "DELETE", f"/admin/v1/tenants/{a.tenant}/adapters/{a.name}"))
+
+    g = sub.add_parser("registry", help="The registry's identity: reset and rollback guard.")
+    g = g.add_subparsers(dest="op", required=True)
+    p = g.add_parser("status", parents=[common],
+                     help="The registry identity the server trusts, and whether it refuses it.")
+    p.set_defaults(func=lambda a: _admin_call(a, "GET", "/admin/v1/registry"))
+    p = g.add_parser("accept-restore", parents=[common],
+                     help="Accept the registry as it is now (restored from a backup, or emptied "
+                     "on purpose); every ingress stops refusing it.")
+    p.set_defaults(func=lambda a: _admin_call(a, "POST", "/admin/v1/registry/accept-restore"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,11 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SchedulingPolicy = Literal["fcfs", "tokenflow"]
 """``fcfs``: stock vLLM; ``tokenflow``: streaming-aware preemption (``scheduling.POLICIES``)."""
+
+PlacementStrategy = Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"]
+"""Ray placement-group strategies; ``STRICT_PACK`` keeps a replica's ranks on one node."""
+
+GpuRequest = float | Literal["auto"]
+"""GPUs per tensor-parallel rank: a number (a fraction shares a GPU), or ``auto``."""
 
 
 class EngineConfig(BaseModel):
@@ -90,6 +96,37 @@ class EngineConfig(BaseModel):
     kv_offload_disk_bytes: int = Field(
         default=4 << 30, ge=0, description="tokenflow: capacity of the disk tier.",
     )
+    num_gpus: GpuRequest = Field(
+        default="auto",
+        description="GPUs each tensor-parallel rank of a replica asks Ray for (a replica holds "
+        "num_gpus x tensor_parallel_size; a fraction shares one GPU between replicas). auto: 1 "
+        "when the process that builds the app sees a CUDA device, else 0 "
+        "(placement.decide_gpus_per_rank); a cluster whose head has no GPU must give a number.",
+    )
+    tensor_parallel_size: int = Field(
+        default=1, ge=1,
+        description="Tensor-parallel ranks per replica; above 1 the replica gets a placement group "
+        "of one bundle per rank (one node) and vLLM runs its ranks with the Ray executor.",
+    )
+    placement_strategy: PlacementStrategy = Field(
+        default="STRICT_PACK",
+        description="Ray placement-group strategy of a replica's ranks when tensor_parallel_size "
+        "> 1 (STRICT_PACK: all on one node, so ranks talk over NVLink, not the network).",
+    )
+
+    @model_validator(mode="after")
+    def _devices(self) -> EngineConfig:
+        """num_gpus >= 0; with TP > 1 each rank holds whole GPUs (a shared one would hold two
+        ranks' weights in memory that vLLM sized for one)."""
+        if self.num_gpus == "auto":
+            return self
+        if self.num_gpus < 0:
+            raise ValueError(f"num_gpus must be >= 0 or 'auto', got {self.num_gpus}")
+        if self.tensor_parallel_size > 1 and self.num_gpus != int(self.num_gpus):
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size} needs whole GPUs per rank, "
+                f"got num_gpus={self.num_gpus}")
+        return self
 
     @field_validator("scheduling_params")
     @classmethod
@@ -104,6 +141,23 @@ class EngineConfig(BaseModel):
             raise ValueError(f"unknown scheduling parameter(s) {unknown}; known: {sorted(known)}")
         TokenFlowParams(**v)  # refuses values out of range
         return v
+
+
+class AdapterFilesConfig(BaseModel):
+    """Where an engine replica keeps and finds adapter files (it travels to Ray actors).
+
+    Paths are read on the replica's own node: every node has its own data directory (an
+    emptyDir or a local disk), never shared; what is shared is ``store``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data_dir: str = Field(description="This node's data directory (adapter cache, scratch).")
+    store: str | None = Field(
+        default=None, description="Shared adapter store (s3://bucket/prefix or file:///dir).")
+    secrets_dir: str = Field(description="Mounted secretRef credentials: <dir>/<name>/<KEY>.")
+    cache_bytes: int = Field(default=10 * 2**30, ge=0, description="Bound of the adapter cache.")
+    max_bytes: int = Field(default=512 * 2**20, ge=1, description="Largest adapter accepted.")
 
 
 class ServeSettings(BaseSettings):
@@ -129,6 +183,11 @@ class ServeSettings(BaseSettings):
         default=False, description="Serve /metrics without a credential (it names tenants)."
     )
     replicas: int = Field(default=1, ge=1, description="Engine replicas (Ray Serve deployments).")
+    ingress_replicas: int = Field(
+        default=1, ge=1,
+        description="Ingress replicas (HTTP front: tenancy, quotas, tokenizer); Ray Serve spreads "
+        "them over the nodes. Quotas are only cluster-wide once the registry keeps them (Redis).",
+    )
     ray_address: str | None = Field(
         default=None, description="Ray cluster to attach to; a local Ray is started when unset."
     )
@@ -140,9 +199,27 @@ class ServeSettings(BaseSettings):
     adapter_cache_bytes: int = Field(
         default=10 * 2**30, description="Bound of the on-disk adapter cache."
     )
+    adapter_store: str | None = Field(
+        default=None,
+        description="Shared adapter store every node reads (s3://bucket/prefix, or file:///dir "
+        "on one machine); imports copy adapters there, nodes that lack one fetch it by digest. "
+        "Unset: nodes fetch from each adapter's source.",
+    )
+    adapter_secrets_dir: Path | None = Field(
+        default=None,
+        description="Where adapters' secretRef credentials are mounted, one directory per "
+        "secret with one file per key (default: data_dir/secrets).",
+    )
 
     def registry(self) -> str:
         """The registry URL, defaulting to SQLite inside the data directory."""
         if self.registry_url:
             return self.registry_url
         return f"sqlite:///{(self.data_dir / 'registry.db').resolve()}"
+
+    def adapter_files(self) -> AdapterFilesConfig:
+        """What an engine replica needs to fetch adapters onto its own node."""
+        return AdapterFilesConfig(
+            data_dir=str(self.data_dir), store=self.adapter_store,
+            secrets_dir=str(self.adapter_secrets_dir or self.data_dir / "secrets"),
+            cache_bytes=self.adapter_cache_bytes, max_bytes=self.adapter_max_bytes)

@@ -28,9 +28,16 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from .api.arrival import proxy_environment, proxy_stamps_arrival
-from .config import EngineConfig, SchedulingPolicy, ServeSettings
+from .config import EngineConfig, GpuRequest, PlacementStrategy, SchedulingPolicy, ServeSettings
 from .engine.errors import EngineDead
 from .engine.protocol import AdapterRef, EngineStats, GenerateRequest, TokenDelta, merge_deltas
+from .placement import (
+    ReplicaResources,
+    check_cluster_capacity,
+    check_replica_devices,
+    observe_devices,
+    replica_resources,
+)
 
 log = logging.getLogger(__name__)
 APP_NAME = "lorafleet"
@@ -113,44 +120,85 @@ async def exit_when_engine_dies(engine: Any) -> None:
     os._exit(1)
 
 
+def engine_options(
+    config: EngineConfig, num_replicas: int, autoscaling: dict[str, Any] | None = None,
+    *, resources: ReplicaResources | None = None,
+) -> dict[str, Any]:
+    """``serve.deployment`` options of the engine replicas: count and devices.
+
+    The devices come from ``placement.replica_resources`` (the one place ``auto`` is decided)
+    unless ``resources`` is given; tests build their stand-in deployments from this same
+    function so that what they prove about placement holds for the engine.
+    """
+    resources = resources or replica_resources(config)
+    return {
+        "num_replicas": None if autoscaling else num_replicas,
+        "autoscaling_config": autoscaling,
+        **resources.deployment_options(),
+    }
+
+
 def engine_deployment(
-    config: EngineConfig, num_replicas: int, autoscaling: dict[str, Any] | None = None
+    config: EngineConfig, num_replicas: int, autoscaling: dict[str, Any] | None = None,
+    *, resources: ReplicaResources | None = None,
 ) -> Any:
     """The engine replica deployment class, parametrised by the engine's adapter capacity."""
+    devices: ReplicaResources = resources or replica_resources(config)
 
     @serve.deployment(
         name="EngineReplica",
-        num_replicas=None if autoscaling else num_replicas,
-        autoscaling_config=autoscaling,
         max_ongoing_requests=max(8, config.max_num_seqs * 2),
-        ray_actor_options={"num_cpus": 0},
         health_check_period_s=10,
         health_check_timeout_s=60,
+        **engine_options(config, num_replicas, autoscaling, resources=devices),
     )
     class EngineReplica:
-        async def __init__(self, engine_config: dict[str, Any]) -> None:
+        """One vLLM engine behind Ray Serve, with adapters brought to its own node.
+
+        Adapters arrive as ``AdapterRef`` (id + content: digest, source, secretRef, the shared
+        store's copy), never as paths. The engine's ``AdapterFiles`` is a ``Materializer``
+        rooted in ``adapter_files.data_dir`` *as seen on this replica's node* (each node has its
+        own): a miss fetches by digest from the shared store, else the source, verifies and
+        validates, caches, and pins the files while the adapter is resident. ``adapter_files``
+        unset: ``ServeSettings()`` of this node's environment (``LORAFLEET_DATA_DIR``,
+        ``LORAFLEET_ADAPTER_STORE``...).
+        """
+
+        async def __init__(
+            self, engine_config: dict[str, Any], adapter_files: dict[str, Any] | None = None
+        ) -> None:
+            from .assemble import make_materializer
+            from .config import AdapterFilesConfig
             from .engine.vllm_engine import VLLMEngine
 
+            # Before vLLM: a replica without the devices it asked for says so, not hangs.
+            check_replica_devices(devices, observe_devices())
+
             ctx = serve.get_replica_context()
-            self.engine = VLLMEngine(EngineConfig(**engine_config), replica_id=ctx.replica_id.unique_id)
-            self._paths: dict[str, str] = {}
+            cfg = EngineConfig(**engine_config)
+            files = AdapterFilesConfig(**adapter_files) if adapter_files is not None \
+                else ServeSettings().adapter_files()
+            self.engine = VLLMEngine(cfg, replica_id=ctx.replica_id.unique_id,
+                                     adapter_files=make_materializer(cfg, files))
+            # The multiplexer loads by id; this is what the id stands for (content, no path).
+            self._refs: dict[str, AdapterRef] = {}
             await self.engine.start()
             self._watchdog = asyncio.create_task(exit_when_engine_dies(self.engine))
 
         @serve.multiplexed(max_num_models_per_replica=config.max_cpu_loras)
         async def _adapter(self, adapter_id: str) -> _ResidentAdapter:
-            await self.engine.load_adapter(AdapterRef(adapter_id, self._paths[adapter_id]))
+            await self.engine.load_adapter(self._refs[adapter_id])
             return _ResidentAdapter(self.engine, adapter_id)
 
         async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
             if request.adapter is not None:
-                self._paths[request.adapter.adapter_id] = request.adapter.path
+                self._refs[request.adapter.adapter_id] = request.adapter
                 await self._adapter(request.adapter.adapter_id)
             async for delta in coalesced(self.engine.generate(request)):
                 yield delta
 
         async def load_adapter(self, adapter: AdapterRef) -> str:
-            self._paths[adapter.adapter_id] = adapter.path
+            self._refs[adapter.adapter_id] = adapter
             await self._adapter(adapter.adapter_id)
             return self.engine.replica_id
 
@@ -224,7 +272,10 @@ class RayEngineClient:
 
 
 # Ray Serve caps a replica at 5 concurrent requests by default: far too few for an
-# ingress that holds every streaming request open for its whole generation.
+# ingress that holds every streaming request open for its whole generation. No device and no
+# placement constraint: an Ingress may land on any Ray node, so every node must hold the base
+# model's files (tokenizer, config.json); the chart mounts the model volume on the head too.
+# The replica count is set per application (``application``: ServeSettings.ingress_replicas).
 @serve.deployment(
     name="Ingress", num_replicas=1, max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0}
 )
@@ -236,6 +287,7 @@ class Ingress:
         from .assemble import make_services
 
         s = ServeSettings(**settings)
+        check_model_files(engine_config["model_dir"])
         self.services = make_services(
             engine_config=EngineConfig(**engine_config),
             engines=RayEngineClient(engines),
@@ -248,6 +300,8 @@ class Ingress:
             adapter_cache_bytes=s.adapter_cache_bytes,
             metrics_key=s.metrics_key,
             public_metrics=s.public_metrics,
+            adapter_store=s.adapter_store,
+            adapter_secrets_dir=s.adapter_secrets_dir,
         )
 
         self.services.trust_arrival_stamp = proxy_stamps_arrival()
@@ -263,9 +317,26 @@ def application(
 ) -> Any:
     """The Serve application graph: engine replicas bound into the ingress."""
     engines = engine_deployment(engine_config, settings.replicas, autoscaling).bind(
-        engine_config.model_dump()
+        engine_config.model_dump(), settings.adapter_files().model_dump()
     )
-    return Ingress.bind(settings.model_dump(mode="json"), engine_config.model_dump(), engines)
+    ingress = Ingress.options(num_replicas=settings.ingress_replicas)
+    return ingress.bind(settings.model_dump(mode="json"), engine_config.model_dump(), engines)
+
+
+def check_model_files(model_dir: str) -> None:
+    """Refuse to start an Ingress on a node without the base model's files, naming the node.
+
+    Without this the tokenizer load fails with a Hugging Face "not a valid model identifier"
+    error that hides the real cause: the model volume is not mounted on this Ray node.
+    """
+    if (Path(model_dir) / "config.json").is_file():
+        return
+    import socket
+
+    raise FileNotFoundError(
+        f"Ingress on node {socket.gethostname()}: no base model at {model_dir} (config.json "
+        "missing). The Ingress reads the tokenizer there and may run on any Ray node: mount the "
+        "model on every node (the chart mounts serving.model.volume on the head and the workers)")
 
 
 class AppArgs(BaseModel):
@@ -290,9 +361,33 @@ class AppArgs(BaseModel):
     scheduling_params: dict[str, float] = Field(
         default_factory=dict, description="tokenflow: policy knobs by name (TokenFlowParams).")
     engine_num_replicas: int = Field(default=1, ge=1, description="Engine replicas.")
+    ingress_num_replicas: int = Field(
+        default=1, ge=1, description="Ingress replicas (Ray Serve spreads them over the nodes).")
+    num_gpus: GpuRequest = Field(
+        default="auto", description="GPUs per tensor-parallel rank of an engine replica "
+        "(EngineConfig.num_gpus); give a number when the head has no GPU (the chart does).")
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, description="Tensor-parallel ranks per engine replica.")
+    placement_strategy: PlacementStrategy = Field(
+        default="STRICT_PACK", description="Placement-group strategy of a replica's ranks (TP > 1).")
     engine_autoscaling_config: dict[str, Any] | None = Field(
         default=None, description="Ray Serve autoscaling_config for the engine replicas."
     )
+
+    def engine_config(self) -> EngineConfig:
+        """The engine replicas' configuration these args describe (what the chart renders)."""
+        return EngineConfig(
+            model_dir=self.model_dir, served_model_name=self.served_model_name, dtype=self.dtype,
+            max_model_len=self.max_model_len, max_loras=self.max_loras,
+            max_lora_rank=self.max_lora_rank, max_cpu_loras=self.max_cpu_loras,
+            kv_cache_bytes=int(self.kv_cache_gib * 2**30),
+            scheduling_policy=self.scheduling_policy,
+            default_consumption_rate=self.default_consumption_rate,
+            kv_offload_host_bytes=int(self.kv_offload_gib * 2**30),
+            scheduling_params=self.scheduling_params, num_gpus=self.num_gpus,
+            tensor_parallel_size=self.tensor_parallel_size,
+            placement_strategy=self.placement_strategy,
+        )
 
 
 def build_app(args: dict[str, Any]) -> Any:
@@ -304,18 +399,12 @@ def build_app(args: dict[str, Any]) -> Any:
     from .assemble import load_or_create_admin_key
 
     a = AppArgs(**args)
-    settings = ServeSettings(data_dir=Path(a.data_dir), replicas=a.engine_num_replicas)
+    settings = ServeSettings(data_dir=Path(a.data_dir), replicas=a.engine_num_replicas,
+                             ingress_replicas=a.ingress_num_replicas)
     settings = settings.model_copy(
         update={"admin_key": load_or_create_admin_key(Path(a.data_dir), settings.admin_key)}
     )
-    engine_config = EngineConfig(
-        model_dir=a.model_dir, served_model_name=a.served_model_name, dtype=a.dtype,
-        max_model_len=a.max_model_len, max_loras=a.max_loras, max_lora_rank=a.max_lora_rank,
-        max_cpu_loras=a.max_cpu_loras, kv_cache_bytes=int(a.kv_cache_gib * 2**30),
-        scheduling_policy=a.scheduling_policy, default_consumption_rate=a.default_consumption_rate,
-        kv_offload_host_bytes=int(a.kv_offload_gib * 2**30), scheduling_params=a.scheduling_params,
-    )
-    return application(settings, engine_config, a.engine_autoscaling_config)
+    return application(settings, a.engine_config(), a.engine_autoscaling_config)
 
 
 def run(settings: ServeSettings, engine_config: EngineConfig, *, ray_temp_dir: Path | None = None) -> None:
@@ -334,6 +423,10 @@ def run(settings: ServeSettings, engine_config: EngineConfig, *, ray_temp_dir: P
                 _temp_dir=str(ray_temp_dir) if ray_temp_dir else None,
                 log_to_driver=True,
             )
+    # A Ray we started cannot grow: refuse now what Serve would leave pending forever.
+    check_cluster_capacity(
+        replica_resources(engine_config), settings.replicas,
+        ray.cluster_resources().get("GPU", 0.0), can_grow=bool(settings.ray_address))
     serve.start(http_options={"host": settings.host, "port": settings.port}, detached=False)
     serve.run(application(settings, engine_config), name=APP_NAME, route_prefix="/", blocking=False)
 

@@ -97,6 +97,14 @@ class ServingMetrics:
             "lorafleet_rate_limited", "Requests refused by a tenant quota.",
             ["tenant", "reason"], registry=r,
         )
+        self.quota_fail_open = Counter(
+            "lorafleet_quota_fail_open", "Admissions decided by this ingress alone because the "
+            "Redis quota store was unreachable (cluster-wide quotas suspended).", registry=r,
+        )
+        self.registry_refused = Gauge(
+            "lorafleet_registry_refused", "1 while this ingress refuses the registry as reset or "
+            "rolled back (it serves what it knew until a restore is accepted).", registry=r,
+        )
         self.adapter_load = Histogram(
             "lorafleet_adapter_load_seconds", "Time to make an adapter resident on a replica.",
             buckets=LOAD_BUCKETS, registry=r,

@@ -64,7 +64,7 @@ async def seed_demo(registry: Registry, intake: AdapterIntake, data_dir: Path) -
                 await import_adapter(
                     tenant=tenant, name=name, source=str(demo_adapter_dir(name)), shared=False,
                     registry=registry, cache=cache, base=intake.base, limits=limits,
-                    work_dir=intake.work_dir,
+                    work_dir=intake.work_dir, store=intake.store,
                 )
     path = keys_file(data_dir)
     path.write_text(json.dumps(keys, indent=2) + "\n")

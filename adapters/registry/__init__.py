@@ -7,10 +7,20 @@ Boundary: `open_registry(url)` is the only factory; it knows `sqlite:///abs/path
 from __future__ import annotations
 
 from .base import Registry
+from .identity import RegistryIdentity, RegistryReset, RegistryTrust, decide_registry_trust
 from .redis import RedisRegistry
 from .sqlite import SQLiteRegistry
 
-__all__ = ["RedisRegistry", "Registry", "SQLiteRegistry", "open_registry"]
+__all__ = [
+    "RedisRegistry",
+    "Registry",
+    "RegistryIdentity",
+    "RegistryReset",
+    "RegistryTrust",
+    "SQLiteRegistry",
+    "decide_registry_trust",
+    "open_registry",
+]
 
 
 def open_registry(url: str) -> Registry:

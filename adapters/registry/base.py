@@ -10,6 +10,9 @@ Boundary: an async ABC only; backends live in `sqlite.py` (embedded, no server) 
 - `find_key` returns None for unknown and for revoked keys.
 - Lists are sorted: tenants by name, adapters by (tenant, name), keys by (created_at, key_id).
 - `generation()` grows on every successful write, so readers may cache until it changes.
+- `identity()` is the store's id (set by its first write, kept across restarts of a durable
+  store), its generation and the ids it was accepted as a restore of; `accept_restore()` gives
+  the store a new id that supersedes the old ones (see `identity.py` for why and the rule).
 - A backend that cannot be reached raises `RegistryUnavailable`.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from ..model import AdapterRecord, ApiKey, Tenant
+from .identity import RegistryIdentity
 
 __all__ = ["Registry"]
 
@@ -78,6 +82,15 @@ class Registry(ABC):
     # --- housekeeping ---
     @abstractmethod
     async def generation(self) -> int: ...
+
+    @abstractmethod
+    async def identity(self) -> RegistryIdentity:
+        """Id, generation and lineage, read together (one snapshot of the store)."""
+
+    @abstractmethod
+    async def accept_restore(self, supersede: frozenset[str] = frozenset()) -> RegistryIdentity:
+        """Declare the store as it is now the truth: a new id that supersedes the current one,
+        ``supersede`` and every id it superseded before; the generation grows."""
 
     @abstractmethod
     async def close(self) -> None: ...

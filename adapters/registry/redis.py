@@ -4,6 +4,8 @@ Boundary: storage only. Keys (prefix `lorafleet:` by default, configurable so te
 deployments can share one server):
 
     {ns}:gen                      integer, INCR'd inside every write transaction
+    {ns}:id                       the store's random id, SET NX by every write transaction
+    {ns}:supersedes               set of ids this store was accepted as a restore of
     {ns}:tenants                  set of tenant names
     {ns}:tenant:{name}            JSON Tenant
     {ns}:tenant:{name}:keys       set of key ids
@@ -20,6 +22,7 @@ exist, the key must not) WATCH the keys they read and retry if another client ch
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -36,6 +39,7 @@ from redis.retry import Retry
 from ..errors import AlreadyExists, NotFound, RegistryUnavailable
 from ..model import AdapterRecord, ApiKey, Tenant
 from .base import Registry
+from .identity import NO_ID, RegistryIdentity
 
 __all__ = ["RedisRegistry"]
 
@@ -92,6 +96,8 @@ class RedisRegistry(Registry):
                             await pipe.watch(*watch)
                         result = await body(pipe)
                         pipe.incr(self._k("gen"))
+                        # The id is born with the store's first write (identity.py).
+                        pipe.set(self._k("id"), "reg-" + secrets.token_hex(16), nx=True)
                         await pipe.execute()
                         return result
                     except WatchError:
@@ -272,6 +278,27 @@ class RedisRegistry(Registry):
     async def generation(self) -> int:
         async with self._guard():
             return int(await self._redis.get(self._k("gen")) or 0)
+
+    async def identity(self) -> RegistryIdentity:
+        # Id and generation from one MGET (atomic); the lineage changes only on accept.
+        async with self._guard():
+            registry_id, gen = await self._redis.mget(self._k("id"), self._k("gen"))
+            supersedes = await self._redis.smembers(self._k("supersedes"))
+        return RegistryIdentity(str(registry_id) if registry_id else None, int(gen or 0),
+                                frozenset(_strs(supersedes)))
+
+    async def accept_restore(self, supersede: frozenset[str] = frozenset()) -> RegistryIdentity:
+        id_k, sup_k = self._k("id"), self._k("supersedes")
+
+        async def body(pipe: Pipeline) -> None:
+            current = await pipe.get(id_k)
+            old = {*supersede, NO_ID, *([current] if current else [])}
+            pipe.multi()
+            pipe.sadd(sup_k, *sorted(old))
+            pipe.set(id_k, "reg-" + secrets.token_hex(16))
+
+        await self._transaction([id_k, sup_k], body)
+        return await self.identity()
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 from ..errors import AlreadyExists, NotFound, RegistryUnavailable
 from ..model import AdapterRecord, ApiKey, Quota, Tenant
 from .base import Registry
+from .identity import NO_ID, RegistryIdentity
 
 __all__ = ["MIGRATIONS", "SQLiteRegistry"]
 
@@ -49,10 +51,17 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
     CREATE INDEX adapters_shared ON adapters(shared);
     CREATE TABLE replicas (replica_id TEXT PRIMARY KEY, adapter_ids TEXT NOT NULL);
     """),
+    # Adapters are content: where to get them anywhere (secretRef, the shared store's copy).
+    # `local_path` stays as a legacy column (written '', never read) so that a pod of the
+    # previous version sharing this file can still insert during a rolling upgrade.
+    (2, """
+    ALTER TABLE adapters ADD COLUMN secret_ref TEXT;
+    ALTER TABLE adapters ADD COLUMN stored_at TEXT;
+    """),
 )
 
 _ADAPTER_COLUMNS = ("tenant, name, source, base_model, digest, rank, alpha, target_modules, "
-                    "size_bytes, local_path, shared, created_at")
+                    "size_bytes, local_path, shared, created_at, secret_ref, stored_at")
 
 
 def _tenant(row: sqlite3.Row) -> Tenant:
@@ -72,12 +81,29 @@ def _adapter(row: sqlite3.Row) -> AdapterRecord:
         tenant=row["tenant"], name=row["name"], source=row["source"],
         base_model=row["base_model"], digest=row["digest"], rank=row["rank"],
         alpha=row["alpha"], target_modules=tuple(json.loads(row["target_modules"])),
-        size_bytes=row["size_bytes"], local_path=row["local_path"], shared=bool(row["shared"]),
-        created_at=row["created_at"])
+        size_bytes=row["size_bytes"], shared=bool(row["shared"]), created_at=row["created_at"],
+        secret_ref=row["secret_ref"], stored_at=row["stored_at"])
 
 
 def _bump(conn: sqlite3.Connection) -> None:
     conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+    # The store's identity is born with its first write (see identity.py); the 'reg-' prefix
+    # keeps the INTEGER-affinity column from turning an all-digit id into a number.
+    conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('registry_id', ?)",
+                 (_new_registry_id(),))
+
+
+def _new_registry_id() -> str:
+    return "reg-" + secrets.token_hex(16)
+
+
+def _identity(conn: sqlite3.Connection) -> RegistryIdentity:
+    rows = dict(conn.execute(
+        "SELECT key, value FROM meta WHERE key IN ('generation', 'registry_id') "
+        "OR key LIKE 'supersedes:%'").fetchall())
+    return RegistryIdentity(
+        rows.get("registry_id"), int(rows["generation"]),
+        frozenset(k[len("supersedes:"):] for k in rows if k.startswith("supersedes:")))
 
 
 def _require_tenant(conn: sqlite3.Connection, tenant: str) -> None:
@@ -224,10 +250,10 @@ class SQLiteRegistry(Registry):
             _require_tenant(conn, r.tenant)
             conn.execute(
                 f"INSERT OR REPLACE INTO adapters ({_ADAPTER_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (r.tenant, r.name, r.source, r.base_model, r.digest, r.rank, r.alpha,
-                 json.dumps(list(r.target_modules)), r.size_bytes, r.local_path, int(r.shared),
-                 r.created_at))
+                 json.dumps(list(r.target_modules)), r.size_bytes, "", int(r.shared),
+                 r.created_at, r.secret_ref, r.stored_at))
 
         await self._run(op, write=True)
 
@@ -281,6 +307,23 @@ class SQLiteRegistry(Registry):
         row = await self._run(lambda c: c.execute(
             "SELECT value FROM meta WHERE key = 'generation'").fetchone())
         return int(row[0])
+
+    async def identity(self) -> RegistryIdentity:
+        return await self._run(_identity)
+
+    async def accept_restore(self, supersede: frozenset[str] = frozenset()) -> RegistryIdentity:
+        def op(conn: sqlite3.Connection) -> None:
+            now = _identity(conn)
+            old = {*now.supersedes, *supersede, NO_ID}
+            if now.registry_id is not None:
+                old.add(now.registry_id)
+            conn.executemany("INSERT OR IGNORE INTO meta (key, value) VALUES (?, 1)",
+                             [(f"supersedes:{i}",) for i in sorted(old)])
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('registry_id', ?)",
+                         (_new_registry_id(),))
+
+        await self._run(op, write=True)
+        return await self.identity()
 
     async def close(self) -> None:
         if self._closed:

@@ -23,9 +23,10 @@ from lorafleet.adapters.errors import (
 from lorafleet.adapters.ingest import import_adapter
 from lorafleet.adapters.keys import generate_key, hash_key
 from lorafleet.adapters.model import AdapterRecord, ApiKey, Quota, Tenant
+from lorafleet.adapters.registry.identity import RegistryIdentity, RegistryTrust
 from lorafleet.adapters.validation import ValidationLimits
 
-from ..engine.errors import EngineError
+from ..engine.errors import EngineError, public_message
 from ..engine.protocol import AdapterRef
 from .errors import (
     Conflict,
@@ -57,6 +58,9 @@ class AdapterBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="Adapter name inside the tenant (the API's `model`).")
     source: str = Field(description="Path, file://, hf://, http(s):// or s3:// URI.")
+    secret_ref: str | None = Field(
+        default=None, description="Secret holding the source's credentials, mounted on every "
+        "serving pod under the adapter secrets dir (lorafleet.adapters.secrets).")
     shared: bool = Field(default=False, description="Visible to every tenant.")
     load: bool = Field(default=True, description="Load it on the engine replicas now.")
 
@@ -76,6 +80,8 @@ def build_admin_router(services: ApiServices) -> APIRouter:
 
     async def guard(request: Request) -> None:
         services.check_admin(request.headers.get("authorization"))
+        if request.method != "GET":  # no writes into a registry that was reset or rolled back
+            await services.tenancy.check_writable()
         # Every admin route may write the registry: drop this process's cached lookups.
         services.tenancy.invalidate()
 
@@ -115,9 +121,10 @@ def build_admin_router(services: ApiServices) -> APIRouter:
     async def load(a: AdapterRecord, replicas: int | None) -> None:
         started = services.clock()
         try:
-            await services.engines.load_adapter(AdapterRef(a.adapter_id, a.local_path), replicas)
+            await services.engines.load_adapter(AdapterRef.of(a), replicas)
         except EngineError as e:
-            raise ServiceUnavailable(f"Adapter `{a.name}` could not be loaded: {e}") from e
+            raise ServiceUnavailable(
+                f"Adapter `{a.name}` could not be loaded: {public_message(e)}") from e
         services.metrics.adapter_load.observe(services.clock() - started)
 
     @router.post("/tenants", status_code=201)
@@ -202,6 +209,9 @@ def build_admin_router(services: ApiServices) -> APIRouter:
                 base=intake.base,
                 limits=ValidationLimits(max_rank=intake.max_rank, max_bytes=intake.max_bytes),
                 work_dir=intake.work_dir,
+                secret_ref=b.secret_ref,
+                secrets=intake.secrets,
+                store=intake.store,
             )
         except InvalidName as e:
             raise InvalidRequest(str(e), param="name") from e
@@ -260,6 +270,29 @@ def build_admin_router(services: ApiServices) -> APIRouter:
         except EngineError as e:
             raise ServiceUnavailable(f"Adapter unregistered but not yet unloaded: {e}") from e
         return Response(status_code=204)
+
+    def identity_json(i: RegistryIdentity | None) -> dict[str, Any] | None:
+        return None if i is None else {"registry_id": i.registry_id, "generation": i.generation,
+                                       "supersedes": sorted(i.supersedes)}
+
+    def trust_json(t: RegistryTrust) -> dict[str, Any]:
+        return {"trusted": t.trusted, "refused": t.refused, "known": identity_json(t.known),
+                "seen": identity_json(t.seen)}
+
+    @router.get("/registry")
+    async def registry_status(request: Request) -> Any:
+        """What this ingress believes about the registry: the identity it trusts, the one it
+        last read, and whether it refuses the registry as reset or rolled back."""
+        services.check_admin(request.headers.get("authorization"))
+        return trust_json(await services.tenancy.refresh_trust())
+
+    @router.post("/registry/accept-restore")
+    async def accept_restore(request: Request) -> Any:
+        """Accept the registry as it is now (after a restore from backup, or knowingly starting
+        over): it gets a new id that every ingress adopts on its next read."""
+        services.check_admin(request.headers.get("authorization"))
+        await services.tenancy.accept_restore()
+        return trust_json(services.tenancy.trust)
 
     @router.get("/replicas")
     async def replicas(request: Request) -> Any:

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from lorafleet.adapters.errors import RegistryUnavailable
+from lorafleet.adapters.registry.identity import RESET_MESSAGE, RegistryReset
 
 from ..metrics import merge_expositions
 from .admin_routes import build_admin_router
@@ -30,6 +31,8 @@ def build_app(services: ApiServices) -> FastAPI:
 
     @app.exception_handler(RegistryUnavailable)
     async def _registry_down(_: Request, exc: RegistryUnavailable) -> JSONResponse:
+        if isinstance(exc, RegistryReset):
+            return ServiceUnavailable(RESET_MESSAGE).response()
         return ServiceUnavailable("The registry is unavailable; retry shortly.").response()
 
     @app.get("/health")

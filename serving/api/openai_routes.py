@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from ..engine.errors import AdapterLoadError, EngineError
+from ..engine.errors import AdapterLoadError, EngineError, public_message
 from ..engine.protocol import AdapterRef, GenerateRequest, SamplingOptions, TokenDelta
 from .arrival import RECEIVED_AT_HEADER, queued_seconds
 from .errors import (
@@ -200,7 +200,7 @@ class Generation:
         self.meter = RequestMeter(services.metrics, tenant_name, label, arrival)
         self.meter.prompt_tokens = sum(len(p.token_ids) for p in prompts)
         self.reserved_tokens = sum(p.max_tokens for p in prompts) * body.n
-        ref = AdapterRef(adapter.adapter_id, adapter.local_path) if adapter else None
+        ref = AdapterRef.of(adapter) if adapter else None
         priority = body.lorafleet.priority if body.lorafleet else 0
         self.engine_requests = []
         for p_index, prompt in enumerate(prompts):
@@ -244,7 +244,8 @@ class Generation:
                 self.meter.on_tokens(i, len(delta.token_ids), clock())
                 yield i, delta
         except AdapterLoadError as e:
-            raise ServiceUnavailable(f"The model `{self.resolved.model}` could not be loaded: {e}") from e
+            raise ServiceUnavailable(
+                f"The model `{self.resolved.model}` could not be loaded: {public_message(e)}") from e
         except EngineError as e:
             raise ServiceUnavailable("The engine is unavailable; retry shortly.") from e
 
@@ -272,8 +273,8 @@ async def _admit(
     return tenant, body, resolved, arrival - queued
 
 
-def _check_quota(services: ApiServices, tenant: Any, cost: int, label: str) -> None:
-    decision = services.quotas.admit(tenant.name, tenant.quota, cost, services.clock())
+async def _check_quota(services: ApiServices, tenant: Any, cost: int, label: str) -> None:
+    decision = await services.quotas.admit(tenant.name, tenant.quota, cost, services.clock())
     if isinstance(decision, Refuse):
         services.metrics.rate_limited.labels(tenant.name, decision.reason).inc()
         services.metrics.requests.labels(tenant.name, label, "429").inc()
@@ -338,7 +339,7 @@ def build_openai_router(services: ApiServices) -> APIRouter:
             f"{resolved.adapter.tenant}/{resolved.adapter.name}" if resolved.adapter else None
         )
         cost = sum(len(p.token_ids) + p.max_tokens * body.n for p in prompts)
-        _check_quota(services, tenant, cost, label)
+        await _check_quota(services, tenant, cost, label)
         gen = Generation(services, tenant.name, tenant.quota, resolved, prompts, body, arrival)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -1,9 +1,11 @@
 """Per-tenant admission: max concurrent requests, requests per minute, tokens per minute.
 
 ``decide_admission`` is pure (state and clock passed in) and returns either an admission
-or a refusal with the seconds to wait (the ``Retry-After`` header). ``QuotaBook`` holds
-the per-tenant state of one ingress process; with several ingress replicas each enforces
-its share (documented limitation: budgets are per ingress replica).
+or a refusal with the seconds to wait (the ``Retry-After`` header). Two books apply it:
+``QuotaBook`` here holds the per-tenant state of one process (the SQLite, single-process
+mode, and the fallback while Redis is unreachable); ``RedisQuotaBook``
+(``quotas_redis.py``) keeps the same state in Redis so that every ingress replica draws
+on one budget. Both implement ``Quotas``, and one test suite runs against both.
 
 Requests per minute: a token bucket of capacity ``rpm`` refilled at ``rpm/60`` per second.
 Tokens per minute: a bucket of capacity ``tpm`` refilled at ``tpm/60`` per second; a
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from lorafleet.adapters.model import Quota
 
@@ -48,6 +51,18 @@ class Refuse:
     message: str
 
 
+def refusal(reason: str, quota: Quota, cost_tokens: int, retry_after: float) -> Refuse:
+    """The refusal for ``reason``, with the message a client sees (one place, both books)."""
+    messages = {
+        "concurrency": f"Too many concurrent requests (limit {quota.max_concurrent}).",
+        "requests_per_minute": f"Rate limit reached: {quota.requests_per_minute} requests per minute.",
+        "too_large": f"This request needs {cost_tokens} tokens, more than the tenant's "
+                     f"{quota.tokens_per_minute} tokens per minute.",
+        "tokens_per_minute": f"Rate limit reached: {quota.tokens_per_minute} tokens per minute.",
+    }
+    return Refuse(reason, retry_after, messages[reason])
+
+
 def _bucket(b: Bucket | None, capacity: int, now: float) -> Bucket:
     b = b or Bucket(float(capacity), now)
     return b.refilled(float(capacity), capacity / 60.0, now)
@@ -56,39 +71,24 @@ def _bucket(b: Bucket | None, capacity: int, now: float) -> Bucket:
 def decide_admission(quota: Quota, usage: TenantUsage, cost_tokens: int, now: float) -> Admit | Refuse:
     """Admit the request (returning the charged usage) or refuse it with a wait time."""
     if quota.max_concurrent is not None and usage.in_flight >= quota.max_concurrent:
-        return Refuse(
-            "concurrency", 1.0, f"Too many concurrent requests (limit {quota.max_concurrent})."
-        )
+        return refusal("concurrency", quota, cost_tokens, 1.0)
     requests = usage.requests
     if quota.requests_per_minute is not None:
         requests = _bucket(requests, quota.requests_per_minute, now)
         if requests.level < 1.0:
             rate = quota.requests_per_minute / 60.0
             wait = (1.0 - requests.level) / rate if rate > 0 else 60.0
-            return Refuse(
-                "requests_per_minute",
-                wait,
-                f"Rate limit reached: {quota.requests_per_minute} requests per minute.",
-            )
+            return refusal("requests_per_minute", quota, cost_tokens, wait)
         requests = replace(requests, level=requests.level - 1.0)
     tokens = usage.tokens
     if quota.tokens_per_minute is not None:
         if cost_tokens > quota.tokens_per_minute:
-            return Refuse(
-                "too_large",
-                60.0,
-                f"This request needs {cost_tokens} tokens, more than the tenant's "
-                f"{quota.tokens_per_minute} tokens per minute.",
-            )
+            return refusal("too_large", quota, cost_tokens, 60.0)
         tokens = _bucket(tokens, quota.tokens_per_minute, now)
         if tokens.level < cost_tokens:
             rate = quota.tokens_per_minute / 60.0
             wait = (cost_tokens - tokens.level) / rate if rate > 0 else 60.0
-            return Refuse(
-                "tokens_per_minute",
-                wait,
-                f"Rate limit reached: {quota.tokens_per_minute} tokens per minute.",
-            )
+            return refusal("tokens_per_minute", quota, cost_tokens, wait)
         tokens = replace(tokens, level=tokens.level - cost_tokens)
     return Admit(TenantUsage(usage.in_flight + 1, requests, tokens))
 
@@ -105,13 +105,36 @@ def retry_after_header(seconds: float) -> str:
     return str(max(1, math.ceil(seconds)))
 
 
+class Quotas(Protocol):
+    """What the routes need from a book: admit (may wait on I/O), release (never waits)."""
+
+    async def admit(self, tenant: str, quota: Quota, cost_tokens: int, now: float) -> Admit | Refuse:
+        """Charge and admit, or refuse; ``now`` is the caller's clock (a book may keep its own)."""
+        ...
+
+    def release(self, tenant: str, quota: Quota, refund_tokens: int) -> None:
+        """One admitted request of ``tenant`` finished: free its slot, refund unused tokens.
+        Called from ``finally`` blocks, so it must not wait: I/O goes to the background."""
+        ...
+
+    async def settled(self) -> None:
+        """Wait until every release made so far has taken effect (tests, shutdown)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
 class QuotaBook:
     """Usage per tenant for one ingress process (owned by its event loop; no lock needed)."""
 
     def __init__(self) -> None:
         self._usage: dict[str, TenantUsage] = {}
 
-    def admit(self, tenant: str, quota: Quota, cost_tokens: int, now: float) -> Admit | Refuse:
+    async def admit(self, tenant: str, quota: Quota, cost_tokens: int, now: float) -> Admit | Refuse:
+        return self.admit_now(tenant, quota, cost_tokens, now)
+
+    def admit_now(self, tenant: str, quota: Quota, cost_tokens: int, now: float) -> Admit | Refuse:
+        """``admit`` without the coroutine (the Redis book's fallback calls it directly)."""
         decision = decide_admission(quota, self._usage.get(tenant, TenantUsage()), cost_tokens, now)
         if isinstance(decision, Admit):
             self._usage[tenant] = decision.usage
@@ -122,3 +145,9 @@ class QuotaBook:
 
     def in_flight(self, tenant: str) -> int:
         return self._usage.get(tenant, TenantUsage()).in_flight
+
+    async def settled(self) -> None:
+        """Nothing to wait for: releases here take effect at once."""
+
+    async def close(self) -> None:
+        return None

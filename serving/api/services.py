@@ -15,12 +15,14 @@ from pathlib import Path
 from lorafleet.adapters.basemodel import BaseModelInfo
 from lorafleet.adapters.keys import hash_key
 from lorafleet.adapters.registry import Registry
+from lorafleet.adapters.secrets import SecretResolver
+from lorafleet.adapters.store import SharedStore
 
 from ..engine.client import EngineClient
 from ..metrics import ServingMetrics
 from .errors import AuthenticationFailed
 from .prompts import PromptRenderer
-from .quotas import QuotaBook
+from .quotas import QuotaBook, Quotas
 from .tenancy import Tenancy, bearer_token
 
 
@@ -34,6 +36,8 @@ class AdapterIntake:
     max_rank: int
     max_bytes: int
     cache_bytes: int
+    store: SharedStore | None = None  # imports copy adapters here, for every node to fetch
+    secrets: SecretResolver | None = None  # secretRef name -> source credentials
 
 
 @dataclass
@@ -45,7 +49,9 @@ class ApiServices:
     admin_key_hash: str
     intake: AdapterIntake | None = None
     metrics: ServingMetrics = field(default_factory=ServingMetrics)
-    quotas: QuotaBook = field(default_factory=QuotaBook)
+    # In-process by default (SQLite, one process); make_services gives a Redis registry the
+    # cluster-wide RedisQuotaBook.
+    quotas: Quotas = field(default_factory=QuotaBook)
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
     max_body_bytes: int = 1_000_000
@@ -58,7 +64,8 @@ class ApiServices:
     tenancy: Tenancy = field(init=False)
 
     def __post_init__(self) -> None:
-        self.tenancy = Tenancy(self.registry, self.served_model_name, clock=self.clock)
+        self.tenancy = Tenancy(self.registry, self.served_model_name, clock=self.clock,
+                               metrics=self.metrics)
 
     def check_admin(self, authorization: str | None) -> None:
         token = bearer_token(authorization)

@@ -4,7 +4,8 @@
     ├── EngineOverloaded         the replica cannot take more work now (-> 503, retry)
     ├── AdapterLoadError         an adapter could not be made resident (-> 422/503)
     │   └── AdapterBusy          unload refused: requests are still using it
-    └── EngineDead               the engine crashed; the replica must be replaced (-> 503)
+    ├── EngineDead               the engine crashed; the replica must be replaced (-> 503)
+    └── DeviceMismatch           the replica's devices are not what it asked for (start refused)
 """
 
 from __future__ import annotations
@@ -12,6 +13,20 @@ from __future__ import annotations
 
 class EngineError(Exception):
     """Base class of engine failures."""
+
+
+def public_message(exc: BaseException, limit: int = 300) -> str:
+    """A short, single-line reason that may reach a client: never a traceback.
+
+    Ray re-raises a replica's exception as ``RayTaskError(<cause type>)`` whose text is the
+    whole remote traceback (file paths, pid, node IP, actor id); its ``cause`` is the original.
+    """
+    while isinstance(getattr(exc, "cause", None), BaseException):
+        exc = exc.cause  # type: ignore[attr-defined]
+    reason = getattr(exc, "reason", None)
+    text = reason if isinstance(reason, str) else str(exc)
+    line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 class EngineOverloaded(EngineError):
@@ -28,3 +43,7 @@ class AdapterBusy(AdapterLoadError):
 
 class EngineDead(EngineError):
     """The engine is no longer usable."""
+
+
+class DeviceMismatch(EngineError):
+    """The replica asked for devices it cannot see (or runs without the ones vLLM needs)."""

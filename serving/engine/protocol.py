@@ -9,17 +9,41 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
+
+from lorafleet.adapters.model import AdapterContent, AdapterRecord
 
 FinishReason = Literal["stop", "length", "abort"]
 
 
 @dataclass(frozen=True)
 class AdapterRef:
-    """An adapter as the engine sees it: a stable id and a local directory."""
+    """An adapter as it travels to a replica: its stable id and its content, never a path.
+
+    A path names a directory on one node; the replica that serves the adapter may run on
+    another, or be the same pod after a restart. The replica turns ``content`` into files on
+    its own node (``AdapterFiles.acquire``) before the engine loads them.
+    """
 
     adapter_id: str
-    path: str
+    content: AdapterContent
+
+    @classmethod
+    def of(cls, record: AdapterRecord) -> AdapterRef:
+        return cls(record.adapter_id, record.content)
+
+
+class AdapterFiles(Protocol):
+    """Where an engine replica gets adapter files on its node (``adapters.Materializer``)."""
+
+    async def acquire(self, content: AdapterContent) -> Path:
+        """A local directory holding ``content``, verified; kept until ``release``."""
+        ...
+
+    def release(self, digest: str) -> None:
+        """The engine no longer needs the files (they may be evicted)."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
 class Resident:
-    """An adapter held by a replica: its vLLM integer id and how many requests use it."""
+    """An adapter held by a replica: its vLLM integer id, its files on this node (``path``, of
+    content ``digest``) and how many requests use it."""
 
     adapter_id: str
     lora_int_id: int
     path: str
     in_flight: int = 0
+    digest: str = ""
 
 
 def select_victim(
@@ -59,8 +61,8 @@ class AdapterResidency:
         in_flight = {k: r.in_flight for k, r in self._lru.items()}
         return select_victim(list(self._lru), in_flight, self.capacity, incoming)
 
-    def add(self, adapter_id: str, path: str) -> Resident:
-        resident = Resident(adapter_id, self._next_int_id, path)
+    def add(self, adapter_id: str, path: str, digest: str = "") -> Resident:
+        resident = Resident(adapter_id, self._next_int_id, path, digest=digest)
         self._next_int_id += 1
         self._lru[adapter_id] = resident
         return resident
@@ -70,13 +72,11 @@ class AdapterResidency:
 
     def acquire(self, adapter_id: str) -> Resident:
         r = self._lru[adapter_id]
-        self._lru[adapter_id] = r = Resident(r.adapter_id, r.lora_int_id, r.path, r.in_flight + 1)
+        self._lru[adapter_id] = r = replace(r, in_flight=r.in_flight + 1)
         self._lru.move_to_end(adapter_id)
         return r
 
     def release(self, adapter_id: str) -> None:
         r = self._lru.get(adapter_id)
         if r is not None:
-            self._lru[adapter_id] = Resident(
-                r.adapter_id, r.lora_int_id, r.path, max(0, r.in_flight - 1)
-            )
+            self._lru[adapter_id] = replace(r, in_flight=max(0, r.in_flight - 1))

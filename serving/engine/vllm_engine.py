@@ -4,6 +4,11 @@ Boundary: this is the only module that imports vLLM's engine. It takes token ids
 API layer renders prompts), returns ``TokenDelta``s, and keeps adapters resident with an
 LRU bounded by ``max_cpu_loras`` that never drops an adapter under a running request.
 A cancelled consumer (client disconnect) aborts the request inside vLLM.
+
+Adapters arrive as content (``AdapterRef``: id, digest, where to get it), never as paths; the
+injected ``AdapterFiles`` (``lorafleet.adapters.Materializer`` rooted in this node's data
+directory) brings their files here and keeps them pinned for as long as the adapter is
+resident, because vLLM reads them again whenever it reloads the adapter.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import EngineConfig
-from .errors import AdapterBusy, AdapterLoadError, EngineDead
-from .protocol import AdapterRef, EngineStats, GenerateRequest, TokenDelta
+from ..placement import parallel_engine_args
+from .errors import AdapterBusy, AdapterLoadError, EngineDead, public_message
+from .protocol import AdapterFiles, AdapterRef, EngineStats, GenerateRequest, TokenDelta
 from .residency import AdapterResidency
 
 log = logging.getLogger(__name__)
@@ -75,9 +81,11 @@ def scheduling_engine_args(config: EngineConfig, metrics_path: str | None = None
 class VLLMEngine:
     """One engine replica. Create, ``await start()``, then ``generate`` concurrently."""
 
-    def __init__(self, config: EngineConfig, replica_id: str = "replica-0") -> None:
+    def __init__(self, config: EngineConfig, replica_id: str = "replica-0",
+                 adapter_files: AdapterFiles | None = None) -> None:
         self.config = config
         self.replica_id = replica_id
+        self.adapter_files = adapter_files
         self._llm: Any = None
         self._residency = AdapterResidency(config.max_cpu_loras)
         # Serialises adapter loads/unloads so two requests never load the same adapter twice
@@ -118,8 +126,12 @@ class VLLMEngine:
             disable_log_stats=False,
             enable_log_requests=False,
             **scheduling_engine_args(c, str(self._core_metrics_path)),
+            **parallel_engine_args(c),
         )
-        self._llm = AsyncLLM.from_engine_args(args)
+        if c.tensor_parallel_size > 1:
+            self._llm = _async_llm_in_placement_group(args)
+        else:
+            self._llm = AsyncLLM.from_engine_args(args)
 
     @property
     def llm(self) -> Any:
@@ -130,24 +142,47 @@ class VLLMEngine:
     # -- adapters ---------------------------------------------------------------------
 
     async def load_adapter(self, adapter: AdapterRef) -> float:
+        """Make ``adapter`` resident: its files first (fetched on a miss), then vLLM's copy."""
+        if adapter.adapter_id in self._residency:
+            return 0.0
+        started = time.perf_counter()
+        # Outside the lock: a slow fetch of one adapter must not hold up loads of others.
+        path = await self._acquire_files(adapter)
+        keep_pin = False
+        try:
+            async with self._adapter_lock:
+                if adapter.adapter_id in self._residency:
+                    return 0.0  # loaded by a concurrent request meanwhile (which holds the pin)
+                try:
+                    victim = self._residency.victim_for(adapter.adapter_id)
+                except LookupError as e:
+                    raise AdapterBusy(f"replica {self.replica_id}: {e}") from e
+                if victim is not None:
+                    await self._drop(victim)
+                resident = self._residency.add(adapter.adapter_id, str(path),
+                                               adapter.content.digest)
+                try:
+                    await self.llm.add_lora(self._lora_request(resident))
+                except Exception as e:  # vLLM raises plain exceptions for bad adapters
+                    self._residency.remove(adapter.adapter_id)
+                    raise AdapterLoadError(
+                        f"adapter {adapter.adapter_id} failed to load: {public_message(e)}") from e
+                keep_pin = True  # released by _drop when the adapter leaves
+                return time.perf_counter() - started
+        finally:
+            if not keep_pin and self.adapter_files is not None:
+                self.adapter_files.release(adapter.content.digest)
 
-        async with self._adapter_lock:
-            if adapter.adapter_id in self._residency:
-                return 0.0
-            try:
-                victim = self._residency.victim_for(adapter.adapter_id)
-            except LookupError as e:
-                raise AdapterBusy(f"replica {self.replica_id}: {e}") from e
-            if victim is not None:
-                await self._drop(victim)
-            resident = self._residency.add(adapter.adapter_id, adapter.path)
-            started = time.perf_counter()
-            try:
-                await self.llm.add_lora(self._lora_request(resident.lora_int_id, adapter))
-            except Exception as e:  # vLLM raises plain exceptions for bad adapters
-                self._residency.remove(adapter.adapter_id)
-                raise AdapterLoadError(f"adapter {adapter.adapter_id} failed to load: {e}") from e
-            return time.perf_counter() - started
+    async def _acquire_files(self, adapter: AdapterRef) -> Path:
+        from lorafleet.adapters.errors import AdapterError
+
+        if self.adapter_files is None:
+            raise AdapterLoadError(f"replica {self.replica_id} has no adapter files configured")
+        try:
+            return await self.adapter_files.acquire(adapter.content)
+        except AdapterError as e:  # fetch, digest or validation failure: say which, briefly
+            raise AdapterLoadError(
+                f"adapter {adapter.adapter_id} could not be fetched: {public_message(e)}") from e
 
     async def unload_adapter(self, adapter_id: str) -> bool:
         async with self._adapter_lock:
@@ -162,13 +197,17 @@ class VLLMEngine:
     async def _drop(self, adapter_id: str) -> None:
         resident = self._residency.remove(adapter_id)
         if resident is not None:
-            await self.llm.remove_lora(resident.lora_int_id)
+            try:
+                await self.llm.remove_lora(resident.lora_int_id)
+            finally:
+                if self.adapter_files is not None and resident.digest:
+                    self.adapter_files.release(resident.digest)
 
     @staticmethod
-    def _lora_request(int_id: int, adapter: AdapterRef) -> Any:
+    def _lora_request(resident: Any) -> Any:
         from vllm.lora.request import LoRARequest
 
-        return LoRARequest(adapter.adapter_id, int_id, adapter.path)
+        return LoRARequest(resident.adapter_id, resident.lora_int_id, resident.path)
 
     # -- generation -------------------------------------------------------------------
 
@@ -180,7 +219,7 @@ class VLLMEngine:
         if request.adapter is not None:
             await self.load_adapter(request.adapter)
             resident = self._residency.acquire(request.adapter.adapter_id)
-            lora = self._lora_request(resident.lora_int_id, request.adapter)
+            lora = self._lora_request(resident)
         s = request.sampling
         params = SamplingParams(
             max_tokens=s.max_tokens,
@@ -265,3 +304,20 @@ class VLLMEngine:
             self._llm.shutdown()
             self._llm = None
         self._core_metrics_path.unlink(missing_ok=True)
+
+
+def _async_llm_in_placement_group(args: Any) -> Any:
+    """TP > 1: vLLM's ranks run as Ray actors in the replica's own placement group.
+
+    The group is handed to vLLM explicitly: its engine core runs in a child process that is no
+    Ray worker, so it cannot find the group itself and would ask Ray for a second set of GPUs
+    that the first group already holds (a wait that never ends).
+    """
+    import ray
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    vllm_config = args.create_engine_config()
+    vllm_config.parallel_config.placement_group = ray.util.get_current_placement_group()
+    return AsyncLLM.from_vllm_config(
+        vllm_config, enable_log_requests=args.enable_log_requests,
+        disable_log_stats=args.disable_log_stats)

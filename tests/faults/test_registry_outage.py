@@ -53,8 +53,7 @@ class Clock:
 
 def adapter(tenant: str, name: str) -> AdapterRecord:
     return AdapterRecord(tenant=tenant, name=name, source="/x", base_model=BASE, digest="d" * 64,
-                         rank=4, alpha=8.0, target_modules=("q_proj",), size_bytes=1,
-                         local_path="/x")
+                         rank=4, alpha=8.0, target_modules=("q_proj",), size_bytes=1)
 
 
 @pytest.fixture

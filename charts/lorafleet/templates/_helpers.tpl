@@ -199,3 +199,29 @@ lorafleet.io/scrape-job: {{ include "lorafleet.servingJob" . }}
 {{ toYaml . }}
 {{- end }}
 {{- end -}}
+
+{{/*
+GPUs of one serving pod: include "lorafleet.podGpus" (dict "ctx" $ "replicas" N), N the engine
+replicas in the pod. Each replica holds tensorParallelSize x gpusPerReplica GPUs (its Ray
+request); a pod needs whole devices, so a fractional total rounds up.
+*/}}
+{{- define "lorafleet.podGpus" -}}
+{{- $e := .ctx.Values.serving.engine -}}
+{{- ceil (mulf (float64 .replicas) (float64 $e.tensorParallelSize) (float64 $e.gpusPerReplica)) | int -}}
+{{- end -}}
+
+{{/*
+Resources of a GPU serving container: serving.resources plus the GPUs the engine replicas
+ask Ray for, as one extended resource in requests and limits. Derived, not a second knob: the
+schema refuses GPUs in serving.resources.
+*/}}
+{{- define "lorafleet.servingResources" -}}
+{{- $res := deepCopy (.ctx.Values.serving.resources | default dict) -}}
+{{- $gpus := include "lorafleet.podGpus" . | atoi -}}
+{{- if gt $gpus 0 -}}
+{{- $name := .ctx.Values.serving.engine.gpuResourceName -}}
+{{- $_ := set $res "limits" (merge (dict $name $gpus) (get $res "limits" | default dict)) -}}
+{{- $_ := set $res "requests" (merge (dict $name $gpus) (get $res "requests" | default dict)) -}}
+{{- end -}}
+{{- toYaml $res -}}
+{{- end -}}

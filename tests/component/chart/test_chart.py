@@ -33,10 +33,12 @@ KUBE_VERSIONS = ("1.30.0", f"{kv.latest_version()}")
 
 GPU_NODES = {
     "serving": {
+        # GPUs are not set in resources: the chart derives them from what each replica asks Ray.
         "resources": {
-            "requests": {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": 1},
-            "limits": {"memory": "64Gi", "nvidia.com/gpu": 1},
+            "requests": {"cpu": "8", "memory": "64Gi"},
+            "limits": {"memory": "64Gi"},
         },
+        "engine": {"gpusPerReplica": 1, "tensorParallelSize": 2},
         "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
         "tolerations": [
             {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
@@ -448,7 +450,7 @@ def test_gpu_node_placement_reaches_serving_pods(name: str) -> None:
         assert spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
         assert spec["tolerations"][0]["key"] == "nvidia.com/gpu"
         assert "nodeAffinity" in spec["affinity"]
-        assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2  # TP 2 x 1
         volumes = {v["name"]: v for v in spec["volumes"]}
         assert volumes["model"]["persistentVolumeClaim"]["claimName"] == "models"
         assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
@@ -572,6 +574,13 @@ def test_example_crs_match_the_crds() -> None:
     {"serving": {"engine": {"scheduling": {"policy": "lifo"}}}},
     {"serving": {"engine": {"scheduling": {"params": {"resume_margn_s": 2}}}}},
     {"serving": {"engine": {"scheduling": {"kvOffloadGib": -1}}}},
+    {"serving": {"engine": {"gpusPerReplica": -1}}},
+    {"serving": {"engine": {"tensorParallelSize": 0}}},
+    {"serving": {"engine": {"tensorParallelSize": 2, "gpusPerReplica": 0.5}}},
+    # One knob for GPUs: the chart derives the pods' GPUs from gpusPerReplica.
+    {"serving": {"resources": {"limits": {"nvidia.com/gpu": 1}}}},
+    {"rayService": {"ingressReplicas": 0}},
+    {"redis": {"persistence": {"appendfsync": "no"}}},
 ])
 def test_schema_rejects_bad_values(bad: dict[str, Any]) -> None:
     with helm.Chart.load(CHART) as chart:
@@ -648,3 +657,123 @@ def test_notes_tell_how_to_reach_the_api_and_get_a_key() -> None:
     assert "/admin/v1/tenants/alice/keys" in notes
     notes = render_notes(VALUE_SETS["production"])
     assert "https://lorafleet.example.com/v1" in notes
+
+
+# --- devices, placement and durable state ------------------------------------------------------
+
+def _gpu_limit(tpl: dict[str, Any]) -> int:
+    res = tpl["spec"]["containers"][0]["resources"]
+    assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"]
+    return int(res["limits"]["nvidia.com/gpu"])
+
+
+def _engine_options_of(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
+    """The Ray Serve options of one engine replica, and replicas per pod, as the code builds
+    them from what the chart rendered (container args, or the Serve app's args)."""
+    from lorafleet.serving.cli import build_parser
+    from lorafleet.serving.config import EngineConfig
+    from lorafleet.serving.deploy import AppArgs, engine_options
+
+    if "RayService" in kinds(docs):
+        (app,) = yaml.safe_load(one(docs, "RayService")["spec"]["serveConfigV2"])["applications"]
+        return engine_options(AppArgs(**app["args"]).engine_config(), 1), 1
+    c = one(docs, "Deployment", "-serving")["spec"]["template"]["spec"]["containers"][0]
+    args = build_parser().parse_args(c["args"])
+    config = EngineConfig(model_dir=args.model_dir, served_model_name=args.served_model_name,
+                          num_gpus=args.num_gpus, tensor_parallel_size=args.tensor_parallel_size)
+    return engine_options(config, args.replicas), args.replicas
+
+
+@pytest.mark.parametrize("name", ["gpu-nodes", "kuberay-gpu-nodes"])
+def test_pod_gpus_and_ray_actor_options_agree(name: str) -> None:
+    docs = render(VALUE_SETS[name])
+    options, per_pod = _engine_options_of(docs)
+    # TP 2: one bundle of one GPU per rank, packed on the pod's node; the actor itself holds none.
+    assert options["placement_group_bundles"] == [{"GPU": 1.0}, {"GPU": 1.0}]
+    assert options["placement_group_strategy"] == "STRICT_PACK"
+    assert options["ray_actor_options"]["num_gpus"] == 0
+    replica_gpus = sum(b.get("GPU", 0) for b in options["placement_group_bundles"])
+    for tpl in serving_pods(docs):
+        assert _gpu_limit(tpl) == replica_gpus * per_pod
+        spec = tpl["spec"]
+        assert spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} \
+            in spec["tolerations"]
+    if name == "kuberay-gpu-nodes":
+        (worker,) = one(docs, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+        assert worker["rayStartParams"]["num-gpus"] == "2"
+
+
+@pytest.mark.parametrize("mode", ["deployment", "rayservice"])
+@pytest.mark.parametrize(("engine", "actor_gpus", "pod_gpus"), [
+    ({}, 1.0, {"deployment": 1, "rayservice": 1}),    # defaults: the CUDA image, one GPU each
+    ({"gpusPerReplica": 0}, 0.0, {"deployment": 0, "rayservice": 0}),  # the CPU image
+    # Three replicas sharing GPUs in one pod need 1.5, so 2; a RayService worker holds one.
+    ({"gpusPerReplica": 0.5, "replicasPerPod": 3}, 0.5, {"deployment": 2, "rayservice": 1}),
+])
+def test_tp1_replicas_hold_their_gpus_in_both_modes(
+    mode: str, engine: dict[str, Any], actor_gpus: float, pod_gpus: dict[str, int]
+) -> None:
+    docs = render({"serving": {"mode": mode, "engine": engine}})
+    options, per_pod = _engine_options_of(docs)
+    assert options["ray_actor_options"]["num_gpus"] == actor_gpus
+    assert "placement_group_bundles" not in options
+    for tpl in serving_pods(docs):
+        limits = tpl["spec"]["containers"][0]["resources"]["limits"]
+        assert limits.get("nvidia.com/gpu", 0) == pod_gpus[mode]
+        assert per_pod * actor_gpus <= pod_gpus[mode]  # Ray can place every replica of the pod
+
+
+def test_rayservice_every_ray_pod_has_the_model_and_the_ingress_count_is_a_value() -> None:
+    docs = render(_deep_merge(VALUE_SETS["kuberay-gpu-nodes"], {"rayService": {"ingressReplicas": 3}}))
+    rs = one(docs, "RayService")
+    (app,) = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
+    assert app["args"]["ingress_num_replicas"] == 3
+    from lorafleet.serving.deploy import AppArgs
+
+    assert AppArgs(**app["args"]).ingress_num_replicas == 3
+    # The Ingress reads the tokenizer from model_dir and Ray may place it on any node.
+    cluster = rs["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for tpl in templates:
+        c = tpl["spec"]["containers"][0]
+        mounts = {m["name"]: m for m in c["volumeMounts"]}
+        assert app["args"]["model_dir"].startswith(mounts["model"]["mountPath"])
+        assert mounts["model"]["readOnly"] is True
+        volumes = {v["name"]: v for v in tpl["spec"]["volumes"]}
+        assert volumes["model"]["persistentVolumeClaim"]["claimName"] == "models"
+        assert {"name": "HF_HUB_OFFLINE", "value": "1"} in c["env"]
+    # The head still asks for no GPU and does not land on GPU nodes.
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    assert "nodeSelector" not in head and "nvidia.com/gpu" not in json.dumps(head["containers"])
+
+
+def test_redis_is_durable_by_default() -> None:
+    docs = render({})
+    sts = one(docs, "StatefulSet", "-redis")
+    spec = sts["spec"]["template"]["spec"]
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "data"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    assert "storageClassName" not in claim["spec"]  # the cluster's default
+    assert "data" not in {v["name"] for v in spec.get("volumes", [])}  # no emptyDir shadowing it
+    assert {"name": "data", "mountPath": "/data"} in spec["containers"][0]["volumeMounts"]
+    cmd = spec["containers"][0]["args"][0]
+    assert "--appendonly yes" in cmd and "--appendfsync everysec" in cmd and "--dir /data" in cmd
+
+    docs = render({"redis": {"persistence": {"storageClass": "fast", "size": "10Gi",
+                                             "appendfsync": "always"}}})
+    sts = one(docs, "StatefulSet", "-redis")
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert (claim["spec"]["storageClassName"], claim["spec"]["resources"]["requests"]["storage"]) \
+        == ("fast", "10Gi")
+    assert "--appendfsync always" in sts["spec"]["template"]["spec"]["containers"][0]["args"][0]
+
+
+def test_redis_without_a_volume_still_keeps_an_append_only_file() -> None:
+    # An emptyDir survives container restarts: AOF then replays every acknowledged write
+    # (a revoked key stays revoked) even in a throwaway install.
+    sts = one(render({"redis": {"persistence": {"enabled": False}}}), "StatefulSet", "-redis")
+    assert "volumeClaimTemplates" not in sts["spec"]
+    assert "--appendonly yes" in sts["spec"]["template"]["spec"]["containers"][0]["args"][0]
+

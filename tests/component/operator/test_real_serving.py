@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from adapterfiles import node_files
 
 from lorafleet.adapters.keys import generate_key
 from lorafleet.operator.emulation import run_operator
@@ -67,7 +68,8 @@ async def test_operator_drives_the_real_server(tmp_path: Path) -> None:
     config = EngineConfig(model_dir=str(model_dir), served_model_name=TINY_MODEL_NAME,
                           dtype="float32", max_model_len=512, max_loras=2, max_lora_rank=8,
                           max_cpu_loras=4, kv_cache_bytes=64 * 2**20)
-    engine = VLLMEngine(config, replica_id="replica-0")
+    engine = VLLMEngine(config, replica_id="replica-0",
+                        adapter_files=node_files(config, tmp_path / "node"))
     await engine.start()
     services = make_services(engine_config=config, engines=LocalEngineClient([engine]),
                              registry_url=f"sqlite:///{tmp_path / 'registry.db'}",

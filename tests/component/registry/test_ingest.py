@@ -49,8 +49,9 @@ async def test_import_registers_a_cached_adapter(registry: Registry, tmp_path: P
         clock=lambda: 42.0)
     assert record.adapter_id == f"alice/sql@{record.digest[:12]}"
     assert (record.rank, record.alpha, record.target_modules) == (4, 8.0, ("q_proj", "v_proj"))
-    assert Path(record.local_path) == cache.get(record.digest)
-    assert (Path(record.local_path) / "adapter_model.safetensors").is_file()
+    assert (cache.get(record.digest) / "adapter_model.safetensors").is_file()
+    assert record.stored_at is None  # no shared store configured
+    assert record.digest in cache.kept_digests()  # a local source: the cache copy is the only one
     assert await registry.get_adapter("alice", "sql") == record
     assert not list((tmp_path / "work").iterdir())  # scratch space cleaned
 

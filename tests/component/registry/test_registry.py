@@ -28,7 +28,8 @@ def adapter(tenant: str = "alice", name: str = "sql", *, shared: bool = False,
     return AdapterRecord(
         tenant=tenant, name=name, source=f"file:///adapters/{name}", base_model="tiny-llama",
         digest=digest, rank=8, alpha=16.0, target_modules=("q_proj", "v_proj"),
-        size_bytes=4096, local_path=f"/cache/{digest}", shared=shared, created_at=2.0)
+        size_bytes=4096, shared=shared, created_at=2.0, secret_ref="creds" if shared else None,
+        stored_at=f"s3://store/adapters/{digest}")
 
 
 def key(tenant: str = "alice", created_at: float = 3.0) -> tuple[str, ApiKey]:

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+from adapterfiles import local_ref, node_files
 
 from lorafleet.serving.config import EngineConfig
 from lorafleet.serving.demo.basemodel import TINY_MODEL_NAME, make_random_adapter, make_tiny_model
@@ -36,7 +37,7 @@ def adapters(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> list
     for i, (rank, targets) in enumerate([(8, ["q_proj", "v_proj"]), (4, ["o_proj", "down_proj"])]):
         path = make_random_adapter(tiny_model, root / f"ad{i}", rank=rank, target_modules=targets,
                                    seed=40 + i, base_model_name=TINY_MODEL_NAME)
-        out.append(AdapterRef(f"t/ad{i}@{i:012d}", str(path)))
+        out.append(local_ref(f"t/ad{i}@{i:012d}", path, tiny_model, TINY_MODEL_NAME))
     return out
 
 
@@ -94,7 +95,8 @@ async def test_greedy_output_is_identical_with_and_without_pauses(tiny_model, ad
     reqs = _requests(adapters)
     results = {}
     for policy in ("fcfs", "tokenflow"):
-        engine = VLLMEngine(_config(tiny_model, policy))
+        engine = VLLMEngine(_config(tiny_model, policy),
+                            adapter_files=node_files(_config(tiny_model, policy)))
         await engine.start()
         order: list[str] = []
         try:
@@ -121,7 +123,7 @@ async def test_paused_requests_come_back_from_the_offload_tiers(tiny_model, adap
                                       ("evicting", "tokenflow", block_bytes)):
         config = _config(tiny_model, policy).model_copy(update={
             "prefix_caching": False, "kv_offload_host_bytes": host_bytes, "multiprocessing": True})
-        engine = VLLMEngine(config)
+        engine = VLLMEngine(config, adapter_files=node_files(config))
         await engine.start()
         order: list[str] = []
         try:

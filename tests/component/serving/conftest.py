@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from adapterfiles import node_files
 
 from lorafleet.serving.api.app import build_app
 from lorafleet.serving.assemble import make_services
@@ -63,8 +64,11 @@ def engine_config(tiny_model: Path) -> EngineConfig:
 
 
 @pytest.fixture(scope="session")
-async def engine(engine_config: EngineConfig) -> AsyncIterator[VLLMEngine]:
-    e = VLLMEngine(engine_config, replica_id="replica-0")
+async def engine(engine_config: EngineConfig,
+                 tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[VLLMEngine]:
+    # The replica's own data directory, not the ingress's: adapters come by content.
+    e = VLLMEngine(engine_config, replica_id="replica-0",
+                   adapter_files=node_files(engine_config, tmp_path_factory.mktemp("node")))
     await e.start()
     yield e
     await e.shutdown()

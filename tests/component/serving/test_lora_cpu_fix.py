@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from adapterfiles import local_ref, node_files
 
 from lorafleet.serving.config import EngineConfig
-from lorafleet.serving.engine.protocol import AdapterRef, GenerateRequest, SamplingOptions
+from lorafleet.serving.engine.protocol import GenerateRequest, SamplingOptions
 from lorafleet.serving.engine.vllm_engine import VLLMEngine
 
 from .conftest import TINY_MODEL_NAME
@@ -87,7 +88,8 @@ async def _generate(model_dir: Path, adapters: dict[str, Path], vocab: int, stoc
     ), replica_id="stock" if stock_ops else "fixed")
     try:
         await engine.start()
-        refs = {n: AdapterRef(f"t/{n}@0", str(p)) for n, p in adapters.items()}
+        engine.adapter_files = node_files(engine.config)
+        refs = {n: local_ref(f"t/{n}@0", p, model_dir, TINY_MODEL_NAME) for n, p in adapters.items()}
 
         async def run(name: str, i: int, ids: list[int]) -> tuple[tuple[str, int], list[int]]:
             req = GenerateRequest(f"{name}-{i}-{stock_ops}", tuple(ids),

@@ -95,3 +95,45 @@ def test_decide_evictions_invariants(items: list[tuple[int, float]], max_bytes: 
     if victims and unpinned_left:
         newest_victim = max(e.last_used for e in entries if e.digest in victims)
         assert newest_victim <= min(e.last_used for e in unpinned_left)
+
+
+# --- registered copies: pinned while in use, kept while nothing else could bring them back ---
+
+
+@given(
+    sizes=st.lists(st.integers(1, 500), min_size=1, max_size=12),
+    budget=st.integers(0, 3000),
+    pinned_mask=st.integers(0, 2**12 - 1),
+    kept_mask=st.integers(0, 2**12 - 1),
+)
+def test_evictions_never_choose_pinned_or_kept_entries(
+    sizes: list[int], budget: int, pinned_mask: int, kept_mask: int
+) -> None:
+    entries = [CacheEntry(_digest(i), s, float(i)) for i, s in enumerate(sizes)]
+    pinned = frozenset(_digest(i) for i in range(len(sizes)) if pinned_mask >> i & 1)
+    kept = frozenset(_digest(i) for i in range(len(sizes)) if kept_mask >> i & 1)
+    victims = decide_evictions(entries, budget, pinned, kept)
+    assert not set(victims) & (pinned | kept)
+    # Least recently used first: every victim is older than every evictable survivor.
+    evictable_left = [e for e in entries if e.digest not in pinned | kept | set(victims)]
+    if victims and evictable_left:
+        newest_victim = max(e.last_used for e in entries if e.digest in victims)
+        assert newest_victim < min(e.last_used for e in evictable_left)
+
+
+def test_a_kept_copy_survives_eviction_even_over_budget(tmp_path: Path) -> None:
+    """The only copy of a registered adapter (no store, a source no other node can read) is
+    never deleted to make room: the cache stays over budget instead."""
+    cache = AdapterCache(tmp_path / "cache", max_bytes=1500)
+    cache.put(_src(tmp_path, 0), _digest(0), keep=True)
+    cache.touch(_digest(0), 1.0)  # the oldest
+    cache.put(_src(tmp_path, 1), _digest(1))
+    cache.put(_src(tmp_path, 2), _digest(2))
+    assert _digest(0) in cache
+    assert _digest(0) in cache.kept_digests()
+    assert _digest(1) not in cache  # the evictable LRU one went instead
+    cache.unkeep(_digest(0))  # e.g. it reached the shared store
+    cache.touch(_digest(0), 1.0)
+    cache.put(_src(tmp_path, 3), _digest(3))
+    assert _digest(0) not in cache
+

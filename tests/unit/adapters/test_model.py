@@ -21,7 +21,7 @@ def _record(**overrides: object) -> AdapterRecord:
     fields: dict[str, object] = dict(
         tenant="alice", name="sql-helper", source="file:///x", base_model="tiny-llama",
         digest="ab" * 32, rank=8, alpha=16.0, target_modules=("q_proj", "v_proj"),
-        size_bytes=1234, local_path="/cache/abab", shared=False, created_at=1.5)
+        size_bytes=1234, shared=False, created_at=1.5)
     fields.update(overrides)
     return AdapterRecord(**fields)  # type: ignore[arg-type]
 
@@ -66,6 +66,7 @@ def test_adapter_id() -> None:
     Tenant("alice", "Alice", Quota(4, 60, None), 2.0),
     ApiKey("0123abcd", "alice", "f" * 64, 3.0, revoked=True),
     _record(target_modules=["q_proj"], shared=True),
+    _record(source="s3://b/p", secret_ref="creds", stored_at="s3://store/x/" + "ab" * 32),
 ])
 def test_json_round_trip(obj: Tenant | ApiKey | AdapterRecord) -> None:
     data = json.loads(json.dumps(obj.to_dict()))
@@ -75,3 +76,22 @@ def test_json_round_trip(obj: Tenant | ApiKey | AdapterRecord) -> None:
 def test_quota_refuses_negative() -> None:
     with pytest.raises(ValueError):
         Quota(max_concurrent=-1)
+
+
+def test_records_carry_content_never_a_node_path() -> None:
+    """What the registry shares is enough to fetch the adapter anywhere, and nothing local."""
+    record = _record(source="s3://b/p", secret_ref="creds", stored_at="s3://store/x/" + "ab" * 32)
+    assert "local_path" not in record.to_dict()
+    content = record.content
+    assert (content.digest, content.source, content.secret_ref, content.stored_at) == (
+        "ab" * 32, "s3://b/p", "creds", "s3://store/x/" + "ab" * 32)
+
+
+def test_old_records_with_local_path_still_read() -> None:
+    """A record written by an earlier version (with the importing pod's path) reads fine; the
+    path is dropped, so no replica is ever handed a directory of another node."""
+    old = {k: v for k, v in _record().to_dict().items() if k not in ("secret_ref", "stored_at")}
+    old["local_path"] = "/data/adapter-cache/" + "ab" * 32
+    record = AdapterRecord.from_dict(old)
+    assert record == _record()
+    assert record.content.stored_at is None

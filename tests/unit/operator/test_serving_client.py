@@ -82,6 +82,10 @@ async def test_admin_key_is_sent_and_requests_follow_the_contract() -> None:
     assert len(await client.list_replicas()) == 1
     assert seen[0] == ("POST", "/admin/v1/tenants/alice/adapters",
                        {"name": "a", "source": "/x", "load": False})
+    # A LoRAAdapter's source.secretRef travels by name; serving resolves it on its own pods.
+    await client.register_adapter("alice", "a", "s3://b/a", secret_ref="team-a")
+    assert seen[-1][2] == {"name": "a", "source": "s3://b/a", "load": False,
+                           "secret_ref": "team-a"}
     await client.aclose()
 
 
