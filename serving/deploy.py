@@ -417,7 +417,10 @@ def run(settings: ServeSettings, engine_config: EngineConfig, *, ray_temp_dir: P
         else:
             # Ray's processes inherit this environment: the proxy stamps arrivals.
             os.environ.update(proxy_environment())
+            # "local": always a new cluster of our own; without it Ray joins any cluster that
+            # `ray start` left on this machine (or RAY_ADDRESS names), someone else's included.
             ray.init(
+                address="local",
                 namespace=APP_NAME,
                 include_dashboard=False,
                 _temp_dir=str(ray_temp_dir) if ray_temp_dir else None,

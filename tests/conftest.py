@@ -1,9 +1,24 @@
-"""Shared test setup: where models and caches live, and quiet, offline vLLM."""
+"""Shared test setup: where models and caches live, quiet offline vLLM, and the one demo
+server that the e2e and fault suites share."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
+
+# One tiny engine for the whole session, whichever suites use it.
+from tinyengine import (  # noqa: F401
+    adapter_dirs,
+    client,
+    engine,
+    engine_config,
+    services,
+    tenants,
+    tiny_model,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("LORAFLEET_DATA_DIR", REPO / ".lorafleet"))
@@ -15,3 +30,23 @@ os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+@pytest.fixture(scope="session")
+def demo_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[object, object]]:
+    """``lorafleet serve --demo`` (Ray Serve, two SmolLM2 engine replicas) on a real
+    ``redis-server`` registry with an append-only file, as a production deployment runs.
+
+    One per session: starting it is the most expensive thing the suite does. The e2e suite
+    uses it first; the fault suite (collected after it) then stops Redis and kills an engine
+    on it, and each of its tests leaves the server serving again.
+    """
+    from localserve import Redis, demo_server
+
+    data = tmp_path_factory.mktemp("demo-serve")
+    redis = Redis(data, persist=True).start()
+    try:
+        with demo_server(data, ["--registry", redis.url], timeout_s=900) as server:
+            yield server, redis
+    finally:
+        redis.stop()

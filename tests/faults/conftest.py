@@ -1,5 +1,6 @@
 """One real server for the fault suites: ``lorafleet serve --demo`` on Ray, two engine
-replicas, its registry in a real ``redis-server`` that the tests stop and restart.
+replicas, its registry in a real ``redis-server`` that the tests stop and restart (the
+session's ``demo_cluster``, shared with the e2e suite, which runs first).
 
 Redis runs with an append-only file (fsync always) in the test's directory, so a restart on
 the same port brings back everything the server wrote, as a production Redis with
@@ -8,11 +9,10 @@ persistence would. At most one server runs at a time (the machine has two cores)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from localserve import DATA_DIR, DemoServer, Redis, demo_server
+from localserve import DATA_DIR, DemoServer, Redis
 
 __all__ = ["DATA_DIR", "Redis", "Server", "fault_server"]
 
@@ -28,12 +28,7 @@ class Server(DemoServer):
         return {"Authorization": f"Bearer {self.keys[name]}"}
 
 
-@pytest.fixture(scope="module")
-def fault_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    data = tmp_path_factory.mktemp("fault-serve")
-    redis = Redis(data, persist=True).start()
-    try:
-        with demo_server(data, ["--registry", redis.url], timeout_s=480) as s:
-            yield Server(s.base_url, s.keys, s.admin_key, s.data_dir, s.log, s.pid, redis)
-    finally:
-        redis.stop()
+@pytest.fixture(scope="session")
+def fault_server(demo_cluster: tuple[DemoServer, Redis]) -> Server:
+    s, redis = demo_cluster
+    return Server(s.base_url, s.keys, s.admin_key, s.data_dir, s.log, s.pid, redis)

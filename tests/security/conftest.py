@@ -1,41 +1,25 @@
 """Fixtures for the security suites: the component layer's real tiny engine and app.
 
-The fixtures are those of ``tests/component/serving/conftest.py`` (a real vLLM engine on the
-tiny random Llama, the real app driven in-process through httpx's ASGI transport, a SQLite
-registry per test); they are loaded from that file rather than copied, so both layers test
-the same assembly. ``drive`` runs a Hypothesis property in a worker thread while the engine
+The fixtures are the session's tiny engine and app (``tests/support/tinyengine.py``: a real
+vLLM engine on the tiny random Llama, the real app driven in-process through httpx's ASGI
+transport, a SQLite registry per test), shared with the component layer, so both layers
+test the same assembly on one engine. ``drive`` runs a Hypothesis property in a worker thread while the engine
 keeps the test's event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tinyengine import ADAPTERS, ADMIN_KEY, TINY_MODEL_NAME
 
-_SERVING = Path(__file__).resolve().parents[1] / "component" / "serving" / "conftest.py"
-_spec = importlib.util.spec_from_file_location("lorafleet_tests_serving_fixtures", _SERVING)
-assert _spec is not None and _spec.loader is not None
-serving = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(serving)
-
-ADMIN_KEY = serving.ADMIN_KEY
-ADAPTERS = serving.ADAPTERS
-TINY_MODEL_NAME = serving.TINY_MODEL_NAME
-tiny_model = serving.tiny_model
-adapter_dirs = serving.adapter_dirs
-engine_config = serving.engine_config
-engine = serving.engine
-services = serving.services
-client = serving.client
-tenants = serving.tenants
+__all__ = ["ADAPTERS", "ADMIN_KEY", "TINY_MODEL_NAME", "assert_openai_error", "auth", "drive"]
 
 
 def auth(key: str | None) -> dict[str, str]:
