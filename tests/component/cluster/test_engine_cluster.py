@@ -11,12 +11,13 @@ through the Serve proxy. Nothing is mocked.
 One machine shares one filesystem, so the node directories are distinct paths; the test
 checks each replica uses its own node's and that each node's copy came by digest.
 
-Measured on the 2-core development machine while two other sessions ran vLLM engines too
-(load average 5 to 60): 453 s and 677 s in all. vLLM start-up dominates: 136-380 s for the
-first two engines, ~200 s for the replacement (Ray drops the dead replica ~10 s after the
-kill); streams on the killed node end ~3 s after it; a fetch on miss from the store takes
-~10 ms. Not yet measured on a quiet machine (expect a few minutes). The timeout is a backstop
-for a loaded machine; the waits poll.
+Measured on the 2-core development machine while other sessions ran vLLM engines too (load
+average 5 to 60), three passing runs: 311 s, 453 s and 677 s in all. vLLM start-up dominates:
+119-380 s for the first two engines, 99-200 s for the replacement (Ray drops the dead replica
+~10 s after the kill); streams on the killed node end 2-4 s after it; a fetch on miss from the
+store takes 5-13 ms. Not measured on a quiet machine (expect well under the 311 s). The timeout
+is a backstop for a loaded machine; every wait polls. Under extreme load (average ~35) a worker
+raylet once missed Ray's fixed 30 s registration window in ``Cluster.add_node`` (setup error).
 """
 
 from __future__ import annotations
