@@ -12,10 +12,10 @@ One machine shares one filesystem, so the node directories are distinct paths; t
 checks each replica uses its own node's and that each node's copy came by digest.
 
 Measured on the 2-core development machine while other sessions ran vLLM engines too (load
-average 5 to 60), three passing runs: 311 s, 453 s and 677 s in all. vLLM start-up dominates:
-119-380 s for the first two engines, 99-200 s for the replacement (Ray drops the dead replica
+average 5 to 60), four passing runs: 266 s, 311 s, 453 s and 677 s in all. vLLM start-up dominates:
+~100-380 s for the first two engines, 93-200 s for the replacement (Ray drops the dead replica
 ~10 s after the kill); streams on the killed node end 2-4 s after it; a fetch on miss from the
-store takes 5-13 ms. Not measured on a quiet machine (expect well under the 311 s). The timeout
+store takes 5-13 ms. Not measured on a quiet machine (expect well under 266 s). The timeout
 is a backstop for a loaded machine; every wait polls. Under extreme load (average ~35) a worker
 raylet once missed Ray's fixed 30 s registration window in ``Cluster.add_node`` (setup error).
 """
@@ -90,19 +90,19 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     os.makedirs(os.path.join(temp_dir, "ray"), exist_ok=True)
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "num_gpus": 0, "gcs_server_port": free_port(), "temp_dir": temp_dir,
-        "include_dashboard": False, "_system_config": {"worker_niceness": 0},
-    })
-    nodes: dict[str, Any] = {}
-    node_dirs: dict[str, Path] = {}
-    for i in range(GPU_WORKERS):
-        d = root / f"node-{i}"  # this node's /data; created by the replica that uses it
-        node = cluster.add_node(num_cpus=1, num_gpus=1, env_vars={NODE_DATA_DIR_ENV: str(d)})
-        nodes[node.node_id] = node
-        node_dirs[node.node_id] = d
-    f = Fleet(cluster, "", nodes, node_dirs, sources, cluster.head_node.node_id)
+    cluster = Cluster(initialize_head=False)
+    f = Fleet(cluster, "", {}, {}, sources, "")
     try:
+        # Inside the try: a node that fails to start (a loaded machine) still gets torn down.
+        cluster.add_node(
+            num_cpus=1, num_gpus=0, gcs_server_port=free_port(), temp_dir=temp_dir,
+            include_dashboard=False, _system_config={"worker_niceness": 0})
+        f.head = cluster.head_node.node_id
+        for i in range(GPU_WORKERS):
+            d = root / f"node-{i}"  # this node's /data; created by the replica that uses it
+            node = cluster.add_node(num_cpus=1, num_gpus=1, env_vars={NODE_DATA_DIR_ENV: str(d)})
+            f.nodes[node.node_id] = node
+            f.node_dirs[node.node_id] = d
         ray.init(address=cluster.address, namespace=APP_NAME, log_to_driver=False)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
