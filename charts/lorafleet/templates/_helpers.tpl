@@ -168,6 +168,18 @@ files/prometheus-rules.yaml select on it, so it is a constant, not derived from 
     sizeLimit: {{ .ctx.Values.serving.shmSizeLimit }}
 - name: tmp
   emptyDir: {}
+{{- /* optional: one tenant's missing Secret fails that tenant's imports ("no credentials"),
+not every serving pod's start. */}}
+{{- range $i, $name := .ctx.Values.serving.adapterSecrets }}
+- name: adapter-secret-{{ $i }}
+  secret:
+    secretName: {{ $name }}
+    optional: true
+{{- end }}
+{{- if include "lorafleet.fileStorePath" .ctx }}
+- name: adapter-store
+  {{- toYaml .ctx.Values.serving.adapterStore.volume | nindent 2 }}
+{{- end }}
 {{- end -}}
 
 {{- define "lorafleet.servingVolumeMounts" -}}
@@ -182,6 +194,91 @@ files/prometheus-rules.yaml select on it, so it is a constant, not derived from 
   mountPath: /dev/shm
 - name: tmp
   mountPath: /tmp
+{{- range $i, $name := .ctx.Values.serving.adapterSecrets }}
+- name: adapter-secret-{{ $i }}
+  mountPath: {{ printf "%s/%s" (include "lorafleet.adapterSecretsDir" $.ctx) $name }}
+  readOnly: true
+{{- end }}
+{{- with include "lorafleet.fileStorePath" .ctx }}
+- name: adapter-store
+  mountPath: {{ . }}
+{{- end }}
+{{- end -}}
+
+{{/* Where adapters' secretRefs are mounted: <data dir>/secrets/<name> (adapters/secrets.py). */}}
+{{- define "lorafleet.adapterSecretsDir" -}}/data/secrets{{- end -}}
+
+{{/* The path of a file:// adapter store (mounted from serving.adapterStore.volume), else empty. */}}
+{{- define "lorafleet.fileStorePath" -}}
+{{- $url := .Values.serving.adapterStore.url -}}
+{{- if hasPrefix "file://" $url -}}{{ trimPrefix "file://" $url }}{{- end -}}
+{{- end -}}
+
+{{/*
+Environment of every serving container: the Deployment's, the Ray head's and the Ray workers'
+(not the operator's: it hands an adapter's secretRef to serving and fetches nothing itself).
+- The proxy's arrival stamp: Ray Serve's HTTP proxy on each node loads the middleware named by
+  RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, and the ingress trusts the stamp only where this
+  variable is set (serving/api/arrival.py). `lorafleet serve` sets it itself; harmless there.
+- The shared adapter store. Its credentials are the pods' ambient AWS identity
+  (adapters/store.py), hence AWS_* variables from serving.adapterStore.existingSecret: every
+  node that may fetch (engine replicas on workers) or import (an Ingress anywhere) needs them.
+*/}}
+{{- define "lorafleet.servingEnv" -}}
+- name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
+  value: lorafleet.serving.api.arrival:proxy_middlewares
+- name: LORAFLEET_ADAPTER_SECRETS_DIR
+  value: {{ include "lorafleet.adapterSecretsDir" . }}
+{{- with .Values.serving.adapterStore }}
+{{- if .url }}
+- name: LORAFLEET_ADAPTER_STORE
+  value: {{ .url | quote }}
+{{- end }}
+{{- if .endpointUrl }}
+- name: AWS_ENDPOINT_URL
+  value: {{ .endpointUrl | quote }}
+{{- end }}
+{{- if .existingSecret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ .existingSecret }}
+      key: AWS_ACCESS_KEY_ID
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .existingSecret }}
+      key: AWS_SECRET_ACCESS_KEY
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/*
+Serving pods that share one registry but not one disk need a shared adapter store: an adapter
+imported on one pod is otherwise fetchable elsewhere only from a source another pod can read
+again (s3://, http(s)://; adapters/materialize.py decide_refetchable), so an uploaded one answers
+503 on every other pod. Several Deployment pods (or an HPA that may make several) and every
+RayService (a head and GPU workers; the Ingress may import on one, the engine runs on another)
+therefore fail to render without serving.adapterStore.url, unless
+serving.adapterStore.allowWithoutStore says that every adapter comes from such a source.
+*/}}
+{{- define "lorafleet.servingPods" -}}
+{{- $s := .Values.serving -}}
+{{- ternary $s.autoscaling.maxReplicas $s.replicas $s.autoscaling.enabled | int -}}
+{{- end -}}
+
+{{/* "true" when adapters must travel between serving pods (several pods, or a RayService). */}}
+{{- define "lorafleet.servingPodsShareAdapters" -}}
+{{- if or (eq .Values.serving.mode "rayservice") (gt (include "lorafleet.servingPods" . | int) 1) -}}true{{- end -}}
+{{- end -}}
+
+{{- define "lorafleet.checkAdapterStore" -}}
+{{- $s := .Values.serving -}}
+{{- $pods := include "lorafleet.servingPods" . | int -}}
+{{- if and (include "lorafleet.servingPodsShareAdapters" .) (not $s.adapterStore.url) (not $s.adapterStore.allowWithoutStore) -}}
+{{- $what := ternary "a RayService (a Ray head and GPU workers)" (printf "up to %d serving pods" $pods) (eq $s.mode "rayservice") -}}
+{{- fail (printf "serving: %s without a shared adapter store: an adapter imported on one pod could not be fetched by another (an uploaded one would answer 503 there). Set serving.adapterStore.url (s3://bucket/prefix, or file:///path with serving.adapterStore.volume), or set serving.adapterStore.allowWithoutStore=true if every adapter comes from an s3:// or http(s):// source." $what) -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "lorafleet.modelDir" -}}

@@ -57,10 +57,18 @@ GPU_NODES = {
     }
 }
 
+# Several serving pods share adapters through a store (the chart refuses them without one).
+S3_STORE = {"url": "s3://lorafleet-adapters/prod", "endpointUrl": "http://minio.storage.svc:9000",
+            "existingSecret": "adapter-store-creds"}
+FILE_STORE = {"url": "file:///shared/adapters",
+              "volume": {"persistentVolumeClaim": {"claimName": "adapter-store"}}}
+ADAPTER_SECRETS = ["tenant-a-s3", "hf.token"]
+
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "kuberay": {
-        "serving": {"mode": "rayservice", "autoscaling": {"enabled": True, "maxReplicas": 8}},
+        "serving": {"mode": "rayservice", "autoscaling": {"enabled": True, "maxReplicas": 8},
+                    "adapterStore": S3_STORE, "adapterSecrets": ADAPTER_SECRETS},
         "rayService": {"appArgs": {"max_loras": 8}},
     },
     "external-redis": {
@@ -77,10 +85,14 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "image": {"digest": "sha256:" + "a" * 64, "pullSecrets": ["ghcr"]},
     },
     "kuberay-gpu-nodes": {**copy.deepcopy(GPU_NODES), "rayService": {}, "operator": {"enabled": False}},
+    "file-store": {"serving": {"replicas": 2, "adapterStore": FILE_STORE,
+                               "adapterSecrets": ["tenant-a-s3"]}},
     "production": {
         "serving": {
             "replicas": 3,
             "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6},
+            # The pods' cloud identity reads the bucket: no credentials Secret.
+            "adapterStore": {"url": "s3://lorafleet-adapters/prod"},
             "ingress": {"enabled": True, "className": "nginx",
                         "annotations": {"nginx.ingress.kubernetes.io/proxy-buffering": "off"},
                         "tls": [{"secretName": "lorafleet-tls", "hosts": ["lorafleet.example.com"]}]},
@@ -92,6 +104,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     },
 }
 VALUE_SETS["kuberay-gpu-nodes"]["serving"]["mode"] = "rayservice"
+VALUE_SETS["kuberay-gpu-nodes"]["serving"]["adapterStore"] = FILE_STORE
 
 # Custom resources kubernetes-validate has no schema for; minimal structure their controllers need.
 _CONTAINERS = {"type": "array", "minItems": 1,
@@ -581,6 +594,12 @@ def test_example_crs_match_the_crds() -> None:
     {"serving": {"resources": {"limits": {"nvidia.com/gpu": 1}}}},
     {"rayService": {"ingressReplicas": 0}},
     {"redis": {"persistence": {"appendfsync": "no"}}},
+    {"serving": {"adapterStore": {"url": "gs://bucket/prefix"}}},
+    {"serving": {"adapterStore": {"url": "file:///shared/adapters"}}},  # no volume to put it on
+    {"serving": {"adapterStore": {"endpointUrl": "minio:9000"}}},
+    {"serving": {"adapterStore": {"accessKey": "AKIA..."}}},
+    {"serving": {"adapterSecrets": ["Tenant_A"]}},
+    {"serving": {"adapterSecrets": ["a", "a"]}},
 ])
 def test_schema_rejects_bad_values(bad: dict[str, Any]) -> None:
     with helm.Chart.load(CHART) as chart:
@@ -714,7 +733,7 @@ def test_pod_gpus_and_ray_actor_options_agree(name: str) -> None:
 def test_tp1_replicas_hold_their_gpus_in_both_modes(
     mode: str, engine: dict[str, Any], actor_gpus: float, pod_gpus: dict[str, int]
 ) -> None:
-    docs = render({"serving": {"mode": mode, "engine": engine}})
+    docs = render({"serving": {"mode": mode, "engine": engine, "adapterStore": S3_STORE}})
     options, per_pod = _engine_options_of(docs)
     assert options["ray_actor_options"]["num_gpus"] == actor_gpus
     assert "placement_group_bundles" not in options
@@ -776,4 +795,136 @@ def test_redis_without_a_volume_still_keeps_an_append_only_file() -> None:
     sts = one(render({"redis": {"persistence": {"enabled": False}}}), "StatefulSet", "-redis")
     assert "volumeClaimTemplates" not in sts["spec"]
     assert "--appendonly yes" in sts["spec"]["template"]["spec"]["containers"][0]["args"][0]
+
+
+# --- adapters as content: the shared store, secretRefs, the proxy's arrival stamp --------------
+
+ARRIVAL_CALLBACK = "lorafleet.serving.api.arrival:proxy_middlewares"
+DEPLOYMENT_WITH_STORE = {"serving": {"replicas": 2, "adapterStore": S3_STORE,
+                                     "adapterSecrets": ADAPTER_SECRETS}}
+
+
+def serving_containers(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(pod name, pod spec, its serving container) for the Deployment or every Ray pod."""
+    out = []
+    for name, tpl in pod_specs(docs):
+        if tpl["metadata"]["labels"].get("app.kubernetes.io/component") == "serving":
+            out.append((name, tpl["spec"], tpl["spec"]["containers"][0]))
+    return out
+
+
+def _data_dir(docs: list[dict[str, Any]]) -> str:
+    """The data directory the server is started with (flag, or the Serve app's args)."""
+    if "RayService" in kinds(docs):
+        (app,) = yaml.safe_load(one(docs, "RayService")["spec"]["serveConfigV2"])["applications"]
+        return str(app["args"]["data_dir"])
+    args = one(docs, "Deployment", "-serving")["spec"]["template"]["spec"]["containers"][0]["args"]
+    return next(a.split("=", 1)[1] for a in args if a.startswith("--data-dir="))
+
+
+@pytest.mark.parametrize("values", [DEPLOYMENT_WITH_STORE, VALUE_SETS["kuberay"]],
+                         ids=["deployment", "rayservice"])
+def test_every_serving_container_gets_the_store_and_the_adapter_secrets(
+    values: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lorafleet.serving.config import ServeSettings
+
+    docs = render(values)
+    containers = serving_containers(docs)
+    assert len(containers) == (2 if "RayService" in kinds(docs) else 1)  # head + workers
+    for pod_name, spec, c in containers:
+        env = {e["name"]: e for e in c["env"]}
+        assert env["LORAFLEET_ADAPTER_STORE"]["value"] == "s3://lorafleet-adapters/prod", pod_name
+        assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio.storage.svc:9000", pod_name
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "adapter-store-creds",
+                                                             "key": key}, pod_name
+        # What the server makes of this environment and its data directory.
+        for name, e in env.items():
+            if name.startswith("LORAFLEET_ADAPTER_") and "value" in e:
+                monkeypatch.setenv(name, e["value"])
+        files = ServeSettings(data_dir=_data_dir(docs)).adapter_files()
+        assert files.store == "s3://lorafleet-adapters/prod"
+        # Each Secret an adapter may name is a read-only directory <secrets dir>/<name>.
+        mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for secret in ADAPTER_SECRETS:
+            mount = mounts[f"{files.secrets_dir}/{secret}"]
+            assert mount["readOnly"] is True and "subPath" not in mount, pod_name
+            # optional: a tenant's deleted Secret must not keep every serving pod from starting.
+            assert volumes[mount["name"]]["secret"] == {"secretName": secret, "optional": True}
+        assert files.secrets_dir.startswith(mounts[_data_dir(docs)]["mountPath"])
+
+
+def test_store_credentials_are_optional_and_stay_out_of_the_operator() -> None:
+    # production: the pods' cloud identity reads the bucket; no endpoint, no credentials.
+    docs = render(VALUE_SETS["production"])
+    for pod_name, _, c in serving_containers(docs):
+        names = {e["name"] for e in c["env"]}
+        assert "LORAFLEET_ADAPTER_STORE" in names, pod_name
+        assert not {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & names
+    # The operator hands an adapter's secretRef to serving and fetches nothing itself: it gets
+    # neither the store's credentials nor the tenants' Secrets.
+    for values in (DEPLOYMENT_WITH_STORE, VALUE_SETS["kuberay"]):
+        op = one(render(values), "Deployment", "-operator")["spec"]["template"]["spec"]
+        env = {e["name"] for e in op["containers"][0]["env"]}
+        assert not [n for n in env if n.startswith(("AWS_", "LORAFLEET_ADAPTER_"))], env
+        assert [v["name"] for v in op["volumes"]] == ["tmp"]
+
+
+def test_a_file_store_is_mounted_writable_in_every_serving_pod() -> None:
+    for values in (VALUE_SETS["file-store"], VALUE_SETS["kuberay-gpu-nodes"]):
+        docs = render(values)
+        for pod_name, spec, c in serving_containers(docs):
+            env = {e["name"]: e for e in c["env"]}
+            assert env["LORAFLEET_ADAPTER_STORE"]["value"] == "file:///shared/adapters"
+            (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/shared/adapters"]
+            assert not mount.get("readOnly"), pod_name  # imports write their copies there
+            volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+            assert volume["persistentVolumeClaim"]["claimName"] == "adapter-store", pod_name
+
+
+@pytest.mark.parametrize("values", [{}, VALUE_SETS["kuberay"]], ids=["deployment", "rayservice"])
+def test_every_ray_node_stamps_arrivals_in_its_proxy(values: dict[str, Any]) -> None:
+    docs = render(values)
+    containers = serving_containers(docs)
+    assert containers
+    for pod_name, _, c in containers:
+        env = {e["name"]: e for e in c["env"]}
+        assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == {
+            "name": "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "value": ARRIVAL_CALLBACK}, pod_name
+    try:
+        from lorafleet.serving.api import arrival
+    except ImportError:  # the module lands with the arrival stamp; the chart names it already
+        return
+    assert arrival.CALLBACK_PATH == ARRIVAL_CALLBACK
+    assert arrival.CALLBACK_ENV == "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+
+
+@pytest.mark.parametrize(("values", "said"), [
+    ({"serving": {"replicas": 2}}, "up to 2 serving pods"),
+    ({"serving": {"autoscaling": {"enabled": True, "maxReplicas": 4}}}, "up to 4 serving pods"),
+    ({"serving": {"mode": "rayservice"}}, "a RayService"),
+])
+def test_several_serving_pods_without_a_store_do_not_render(values: dict[str, Any], said: str) -> None:
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmError) as failure:
+        chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    message = str(failure.value)
+    assert said in message and "serving.adapterStore.url" in message
+    assert "serving.adapterStore.allowWithoutStore" in message
+
+
+def test_one_pod_needs_no_store_and_the_opt_out_is_loud() -> None:
+    docs = render({})  # one pod: its own data directory holds every adapter it imported
+    for _, _, c in serving_containers(docs):
+        assert "LORAFLEET_ADAPTER_STORE" not in {e["name"] for e in c["env"]}
+    assert "WARNING" not in render_notes({})
+    for values in ({"serving": {"replicas": 3, "adapterStore": {"allowWithoutStore": True}}},
+                   {"serving": {"mode": "rayservice", "adapterStore": {"allowWithoutStore": True}}}):
+        docs = render(values)
+        for _, _, c in serving_containers(docs):
+            assert "LORAFLEET_ADAPTER_STORE" not in {e["name"] for e in c["env"]}
+        notes = render_notes(values)
+        assert "WARNING" in notes and "s3:// or http(s)://" in notes
+    assert "shared store s3://lorafleet-adapters/prod" in render_notes(DEPLOYMENT_WITH_STORE)
 

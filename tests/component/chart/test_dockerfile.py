@@ -77,11 +77,29 @@ def test_builders_install_the_right_extras() -> None:
     s = stages()
     gpu = " ".join(i["value"] for i in s["builder-gpu"] if i["instruction"] == "RUN")
     cpu = " ".join(i["value"] for i in s["builder-cpu"] if i["instruction"] == "RUN")
-    assert '".[gpu]"' in gpu
-    assert '".[cpu]"' in cpu and "https://download.pytorch.org/whl/cpu" in cpu
+    assert '".[gpu,s3]"' in gpu
+    assert '".[cpu,s3]"' in cpu and "https://download.pytorch.org/whl/cpu" in cpu
     uninstall = re.search(r"pip uninstall -y ([^&]+)", cpu)
     assert uninstall and set(uninstall.group(1).split()) >= {
         "torchvision", "torchaudio", "torchcodec", "triton"}
+
+
+def test_both_images_carry_boto3_for_the_adapter_store() -> None:
+    # The chart's serving.adapterStore (s3://) and s3:// adapter sources import boto3 at the
+    # first fetch: an image without it would fail there, long after the pods came up healthy.
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(req.startswith("boto3") for req in extras["s3"])
+    s = stages()
+    for builder in ("builder-gpu", "builder-cpu"):
+        run = " ".join(i["value"] for i in s[builder] if i["instruction"] == "RUN")
+        install = re.search(r'pip install "\.\[([^\]]+)\]"', run)
+        assert install and "s3" in install.group(1).split(","), builder
+        # Checked at build time, after the last uninstall, so a removed dependency fails the build.
+        imports = re.findall(r'python -c "import ([^"]+)"', run)
+        assert imports and "boto3" in imports[-1], builder
+        assert run.rindex("import ") > run.rfind("pip uninstall"), builder
 
 
 def test_every_copied_path_exists_and_is_in_the_context() -> None:
