@@ -155,10 +155,12 @@ class AdapterCache:
         if not src.is_dir():
             raise CacheError(f"{src} is not a directory")
         with self._lock:
+            marked = keep and not (self._keep / digest).exists()
             if keep:  # before the entry appears, so no other process's eviction can race it
                 (self._keep / digest).touch()
             if self.get(digest) is None:
                 staging = self._staging / f"{digest}.{uuid.uuid4().hex}"
+                stored = False
                 try:
                     try:
                         shutil.copytree(src, staging, symlinks=True, copy_function=_copy_or_full)
@@ -172,8 +174,11 @@ class AdapterCache:
                     except OSError:
                         if not target.is_dir():
                             raise
+                    stored = True
                 finally:
                     shutil.rmtree(staging, ignore_errors=True)
+                    if marked and not stored:  # a failed write leaves nothing behind
+                        (self._keep / digest).unlink(missing_ok=True)
                 os.utime(target)
             with self.pinned(digest):  # the entry just written is never its own victim
                 self.evict()
