@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 
 from .basemodel import BaseModelInfo
 from .cache import AdapterCache
-from .errors import AdapterFetchError, AdapterValidationError
+from .errors import AdapterFetchError, AdapterValidationError, CacheError
 from .model import AdapterContent
 from .secrets import SecretResolver
 from .sources import fetch_adapter
@@ -123,8 +123,14 @@ class Materializer:
             raise
 
     def release(self, digest: str) -> None:
-        """Undo one `acquire`: the copy may be evicted again once nobody else holds it."""
-        self.cache.unpin(digest)
+        """Undo one `acquire`: the copy may be evicted again once nobody else holds it.
+
+        A release with no acquire left (an adapter dropped twice) is logged, not raised: it
+        must not fail the unload that called it, and it leaves no pin behind."""
+        try:
+            self.cache.unpin(digest)
+        except CacheError as e:
+            log.warning("release without a matching acquire: %s", e)
 
     async def materialize(self, content: AdapterContent) -> Path:
         """The local directory of `content` (not pinned), fetching it once if missing.
