@@ -55,9 +55,9 @@ def demo_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[obj
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Multi-node tests run last.
 
-    They build real Ray clusters with this process as the driver (``ray.init``), and Ray
-    leaves process-wide state behind after ``ray.shutdown()``: in-process vLLM engines started
-    after them in the same process failed (tests/component/demo, seen in a full run).
+    They drive real Ray clusters from this process (``ray.init``), and what Ray leaves in the
+    process after ``ray.shutdown()`` breaks in-process vLLM engines started later (vLLM's
+    ``LLM`` raises Flask's "working outside of application context"; the cause is not known).
     Running them after everything else keeps every other test independent of them.
     """
     items.sort(key=lambda item: item.get_closest_marker("multinode") is not None)

@@ -138,3 +138,31 @@ def demo_server(data: Path, extra_args: Sequence[str] = (), timeout_s: float = 4
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+@contextmanager
+def ray_sandbox() -> Iterator[str]:
+    """A private place for a test's own Ray cluster; yields its temp dir.
+
+    A short temp dir (Ray's Unix socket paths must stay under the kernel's limit), used as
+    ``RAY_TMPDIR`` too (Ray writes its "current cluster" file there, so no other ``ray.init``
+    on the machine can join this cluster), and no auth token file. The environment is put back
+    and the directory removed on exit.
+    """
+    import shutil
+    import tempfile
+
+    temp_dir = tempfile.mkdtemp(prefix="lf-ray-")
+    env = {"RAY_TMPDIR": temp_dir, "RAY_AUTH_MODE": "disabled"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    os.makedirs(os.path.join(temp_dir, "ray"), exist_ok=True)
+    try:
+        yield temp_dir
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

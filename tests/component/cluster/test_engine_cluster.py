@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from localserve import DATA_DIR, free_port
+from localserve import DATA_DIR, free_port, ray_sandbox
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
@@ -82,14 +81,14 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     for i, (name, (rank, targets)) in enumerate(ADAPTERS.items()):
         make_random_adapter(model, sources / name, rank=rank, target_modules=targets, seed=i + 1,
                             base_model_name=TINY_MODEL_NAME)
-    # A short temp dir (Unix socket paths), a free GCS port (6379 is Redis's), no auth token.
     # Ray runs its workers at nice 15 (a dedicated node's raylet comes first); on a machine
     # shared with other test runs that starves the engines, so they run at normal priority.
-    temp_dir = tempfile.mkdtemp(prefix="lf-ray-")
-    env = {"RAY_TMPDIR": temp_dir, "RAY_AUTH_MODE": "disabled"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    os.makedirs(os.path.join(temp_dir, "ray"), exist_ok=True)
+    with ray_sandbox() as temp_dir:
+        yield from _fleet(root, model, sources, temp_dir)
+
+
+def _fleet(root: Path, model: Path, sources: Path, temp_dir: str) -> Iterator[Fleet]:
+    """The cluster and the app on it, torn down on exit (the sandbox cleans up after)."""
     cluster = Cluster(initialize_head=False)
     f = Fleet(cluster, "", {}, {}, sources, "")
     try:
@@ -127,12 +126,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             ray.shutdown()
             cluster.shutdown()
             _kill_leftovers(f.pids)
-            shutil.rmtree(temp_dir, ignore_errors=True)
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 def _kill_leftovers(pids: dict[int, float]) -> None:

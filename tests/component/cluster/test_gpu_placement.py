@@ -12,13 +12,11 @@ sets ``CUDA_VISIBLE_DEVICES``, which is what a real GPU node relies on.
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from localserve import free_port, ray_sandbox
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
@@ -36,30 +34,23 @@ from lorafleet.serving.placement import (  # noqa: E402
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(180)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def gpu_cluster() -> Iterator[dict[str, str]]:
     """A head (no GPU) and one worker node with two fake GPUs; Serve running on it."""
-    # A short temp dir: Ray's socket paths must stay under the Unix limit. A free GCS port:
-    # Ray's default (6379) is Redis's.
-    temp_dir = tempfile.mkdtemp(prefix="lf-ray-")
-    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_AUTH_MODE")}
-    # Ray writes its "current cluster" file under RAY_TMPDIR, not temp_dir; no auth token file.
-    os.environ.update(RAY_TMPDIR=temp_dir, RAY_AUTH_MODE="disabled")
-    os.makedirs(os.path.join(temp_dir, "ray"), exist_ok=True)
+    # A free GCS port: Ray's default (6379) is Redis's.
+    with ray_sandbox() as temp_dir:
+        yield from _serve_on_cluster(temp_dir)
+
+
+def _serve_on_cluster(temp_dir: str) -> Iterator[dict[str, str]]:
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "num_gpus": 0, "gcs_server_port": _free_port(), "temp_dir": temp_dir,
+        "num_cpus": 1, "num_gpus": 0, "gcs_server_port": free_port(), "temp_dir": temp_dir,
         "include_dashboard": False,
     })
     worker = cluster.add_node(num_cpus=1, num_gpus=2)
     try:
         ray.init(address=cluster.address, namespace="lorafleet-placement", log_to_driver=False)
-        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
         yield {"head": cluster.head_node.node_id, "gpu": worker.node_id}
     finally:
         try:
@@ -67,12 +58,6 @@ def gpu_cluster() -> Iterator[dict[str, str]]:
         finally:
             ray.shutdown()
             cluster.shutdown()
-            shutil.rmtree(temp_dir, ignore_errors=True)
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 @ray.remote
