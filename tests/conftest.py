@@ -4,6 +4,7 @@ server that the e2e and fault suites share."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,11 +54,19 @@ def demo_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[obj
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Multi-node tests run last.
-
-    They drive real Ray clusters from this process (``ray.init``), and what Ray leaves in the
-    process after ``ray.shutdown()`` breaks in-process vLLM engines started later (vLLM's
-    ``LLM`` raises Flask's "working outside of application context"; the cause is not known).
-    Running them after everything else keeps every other test independent of them.
-    """
+    """Multi-node tests run last: they start and stop whole Ray clusters from this process,
+    so nothing else in the session depends on what they leave behind."""
     items.sort(key=lambda item: item.get_closest_marker("multinode") is not None)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """No test may leave Flask imported in this process.
+
+    Flask's context-local proxies raise ``RuntimeError`` on ``hasattr``, and vLLM's CPU
+    platform scans every module's globals with ``hasattr`` when an engine starts, so one
+    Flask import breaks every in-process engine started after it, far from its cause.
+    Servers built on Flask (moto) run in their own process (``tests/support/s3server.py``).
+    """
+    if "flask" in sys.modules:
+        pytest.fail(f"{item.nodeid} imported flask into the test process", pytrace=False)

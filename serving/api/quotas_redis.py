@@ -164,7 +164,10 @@ class RedisQuotaSettings(BaseModel):
                                  "for this long before trying Redis again.")
     timeout_s: float = Field(default=1.0, gt=0, description="Socket connect and read timeout.")
     max_connections: int = Field(default=32, ge=1, description="Connections to Redis per process; "
-                                 "admissions beyond that wait up to timeout_s for one.")
+                                 "admissions beyond that queue for one.")
+    pool_wait_s: float = Field(default=10.0, gt=0, description="How long an admission queues for a "
+                               "free connection. Every connection busy is load, not an outage: "
+                               "only waiting longer than this falls back to the local book.")
 
 
 def _limit(value: int | None) -> int:
@@ -191,7 +194,7 @@ class RedisQuotaBook:
         # microseconds) instead of failing with "too many connections", which is load, not
         # an outage, and must not make this process fall back to its local book.
         pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=self.settings.max_connections, timeout=self.settings.timeout_s,
+            url, max_connections=self.settings.max_connections, timeout=self.settings.pool_wait_s,
             decode_responses=True, socket_connect_timeout=self.settings.timeout_s,
             socket_timeout=self.settings.timeout_s)
         self._redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
@@ -280,6 +283,11 @@ class RedisQuotaBook:
     def held(self, tenant: str) -> int:
         """Slots this process holds for ``tenant`` (Redis leases and local fallbacks)."""
         return len(self._held.get(tenant, ()))
+
+    @property
+    def degraded(self) -> bool:
+        """Whether admissions are being decided by the local book (Redis unreachable)."""
+        return self._degraded
 
     async def leases(self, tenant: str) -> int:
         """Unexpired leases of ``tenant`` in Redis, from every ingress."""

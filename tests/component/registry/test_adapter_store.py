@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import shutil
-import socket
 import sqlite3
 import time
 import uuid
@@ -22,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from s3server import S3Server
 from safetensors.numpy import save_file
 
 from lorafleet.adapters.basemodel import base_model_info_from_config, block_of
@@ -38,7 +37,7 @@ from lorafleet.adapters.store import S3Store
 from lorafleet.adapters.validation import ValidationLimits, validate_adapter_dir
 
 boto3 = pytest.importorskip("boto3")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto")
 
 BASE = base_model_info_from_config(
     {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
@@ -47,45 +46,16 @@ LIMITS = ValidationLimits(max_rank=16, max_bytes=4 << 20)
 STORE_KEY, TENANT_KEY, AMBIENT_KEY = "AKIDSTORE", "AKIDTEAMA", "AKIDAMBIENT"
 
 
-class Recorder:
-    """WSGI middleware in front of moto: which object was asked for, with whose access key."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.requests: list[tuple[str, str, str | None]] = []
-
-    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
-        found = re.search(r"Credential=([^/]+)/", environ.get("HTTP_AUTHORIZATION", ""))
-        self.requests.append((environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""),
-                              found.group(1) if found else None))
-        return self.app(environ, start_response)
-
-    def gets(self, path_part: str) -> list[tuple[str, str, str | None]]:
-        return [r for r in self.requests if r[0] == "GET" and path_part in r[1]]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
-def s3() -> Iterator[tuple[str, Recorder]]:
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(),
-                                            verbose=False)
-    server.start()
-    recorder = Recorder(server._server.app)  # type: ignore[union-attr]
-    server._server.app = recorder  # type: ignore[union-attr]
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}", recorder
-    server.stop()
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    with S3Server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
 
 
 @pytest.fixture
-def env(s3: tuple[str, Recorder], tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def env(s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Buckets for this test, the pod's ambient identity, and a tenant's mounted secret."""
-    endpoint, recorder = s3
+    endpoint = s3.url
     # The pod's own identity: what a source WITHOUT secretRef would use; never a tenant's.
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", AMBIENT_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "ambient-secret")
@@ -109,7 +79,7 @@ def env(s3: tuple[str, Recorder], tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
     return {"admin": admin, "store": store, "store_bucket": store_bucket,
             "src_bucket": src_bucket, "secrets": SecretResolver(secrets_dir),
-            "recorder": recorder}
+            "recorder": s3}
 
 
 def write_adapter(path: Path, rank: int = 4) -> Path:
