@@ -7,6 +7,8 @@ the operator) map them to HTTP statuses or retry decisions by type, never by mes
     ├── InvalidName (+ ValueError)    a tenant or adapter name that fails the name rule
     ├── AdapterValidationError        the adapter is refused; `.code` says which rule (422)
     ├── AdapterFetchError             the source could not be read; `.transient` says retry or not
+    │   └── IntakeBusy                the same adapter is being imported, or every intake slot is
+    │                                 taken (always transient: 503, retry later)
     ├── CacheError                    the on-disk cache was misused (bad digest, missing entry)
     │   └── CacheFull                 the cache's filesystem has no room left (507; free space)
     └── RegistryError                 the registry refused or failed an operation
@@ -17,6 +19,7 @@ the operator) map them to HTTP statuses or retry decisions by type, never by mes
 
 from __future__ import annotations
 
+import reprlib
 from typing import Literal
 
 __all__ = [
@@ -26,11 +29,13 @@ __all__ = [
     "AlreadyExists",
     "CacheError",
     "CacheFull",
+    "IntakeBusy",
     "InvalidName",
     "NotFound",
     "RegistryError",
     "RegistryUnavailable",
     "ValidationCode",
+    "client_text",
 ]
 
 # The closed set of reasons an adapter is refused. Stable: the admin API returns it as `code`.
@@ -51,7 +56,28 @@ ValidationCode = Literal[
     "shape_mismatch",  # a tensor shape that disagrees with the base model or r
     "config_mismatch",  # the config's r / target_modules disagree with the tensors
     "too_large",  # more bytes (or archive members) than the limit
+    "too_complex",  # checking it needs more time or memory than intake allows (hostile content)
 ]
+
+CLIENT_TEXT_CHARS = 48
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel = 2  # a 900-deep JSON list is printed as [[...]], never recursed into
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = _SHORT_REPR.maxlong = CLIENT_TEXT_CHARS
+_SHORT_REPR.maxlist = _SHORT_REPR.maxdict = _SHORT_REPR.maxtuple = 4
+
+
+def client_text(value: object, limit: int = CLIENT_TEXT_CHARS) -> str:
+    """Quote something a client sent, for an error message: at most `limit` printable ASCII
+    characters, quoted, with `...` when cut.
+
+    Error messages travel back to the client, into logs and into CR status: a quoted value must
+    never be large (a 300 MB archive member name once came back as a 314 MB answer) nor carry
+    control characters (terminal escapes, forged log lines).
+    """
+    text = value if isinstance(value, str) else _SHORT_REPR.repr(value)
+    cut = len(text) > limit
+    shown = "".join(c if c.isascii() and c.isprintable() else "?" for c in text[:limit])
+    return f"'{shown}...'" if cut else f"'{shown}'"
 
 
 class AdapterError(Exception):
@@ -82,6 +108,16 @@ class AdapterFetchError(AdapterError):
         super().__init__(reason)
         self.reason = reason
         self.transient = transient
+
+
+class IntakeBusy(AdapterFetchError):
+    """Intake refused to start now: the same (tenant, name) is being imported, or every intake
+    slot is taken. A fetch error so that every caller already retries it as transient (503):
+    a retry after the running import ends may succeed, and a retry never starts a second fetch
+    of one adapter."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, transient=True)
 
 
 class CacheError(AdapterError):

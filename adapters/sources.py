@@ -7,8 +7,16 @@ base URL holding `adapter_config.json` and `adapter_model.safetensors`), `s3://b
 (needs the optional `boto3`). Every byte written is counted against `max_bytes`.
 
 Archive members are judged by the pure `decide_member_path`; hostile archives (absolute paths,
-`..`, links, devices, too many members, too many bytes) raise `AdapterValidationError`. Network
-failures raise `AdapterFetchError` with `transient` telling whether a retry may help.
+`..`, links, devices, sparse files, too many members, too many bytes, GNU long-name or pax
+headers larger than `MAX_EXTENSION_HEADER_BYTES`) raise `AdapterValidationError`; a header's
+size is checked before the header is read. Network failures raise `AdapterFetchError` with
+`transient` telling whether a retry may help.
+
+HTTP sources: every connection goes to an address `netguard` accepted (no private, loopback or
+link-local address unless `allow_networks` names it), and one deadline (`deadline_s`) bounds the
+whole fetch, redirects and every file included; `timeout_s` bounds each connect and read. Error
+messages quote the client's URI or member names only through `client_text`, and never this
+server's paths.
 """
 
 from __future__ import annotations
@@ -18,8 +26,9 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -28,11 +37,13 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 
-from .errors import AdapterFetchError, AdapterValidationError
+from .errors import AdapterFetchError, AdapterValidationError, client_text
+from .netguard import AddressRefused, CheckedTransport, IPNetwork, Resolver, system_resolver
 from .validation import CONFIG_FILE, WEIGHTS_FILE
 
 __all__ = [
     "ARCHIVE_SUFFIXES",
+    "MAX_EXTENSION_HEADER_BYTES",
     "FetchCredentials",
     "decide_member_path",
     "extract_archive",
@@ -41,6 +52,12 @@ __all__ = [
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".zip")
 MAX_MEMBERS = 64
+# A GNU long name / long link or a pax header: a path of at most PATH_MAX (4 KiB) and a few
+# attributes. tarfile reads one whole into memory, so its size is checked first.
+MAX_EXTENSION_HEADER_BYTES = 16 << 10
+# Extension headers in one archive: a pax header and a long name per member, plus globals.
+# Each one also costs a recursion level in tarfile.
+_MAX_EXTENSION_HEADERS = 2 * MAX_MEMBERS + 4
 _CHUNK = 1 << 16
 # Files fetched from a base URL / S3 prefix: what validation accepts, nothing else.
 _REMOTE_FILES = (CONFIG_FILE, WEIGHTS_FILE)
@@ -63,6 +80,13 @@ class FetchCredentials:
 
 def _permanent(reason: str) -> AdapterFetchError:
     return AdapterFetchError(reason, transient=False)
+
+
+def _os_reason(exc: BaseException) -> str:
+    """An exception for a message, without the file name an OSError carries (a server path)."""
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return client_text(str(exc), 120)
 
 
 # --- byte counting --------------------------------------------------------------------------
@@ -97,16 +121,16 @@ def _copy_stream(src: IO[bytes], dest: Path, budget: _Budget) -> None:
 def decide_member_path(name: str) -> PurePosixPath:
     """Return the safe relative path of an archive member, or raise `path_traversal`."""
     if not name or "\\" in name or "\0" in name:
-        raise AdapterValidationError(f"archive member name {name!r} is not allowed",
+        raise AdapterValidationError(f"archive member name {client_text(name)} is not allowed",
                                      "path_traversal")
     path = PurePosixPath(name)
     if path.is_absolute() or name.startswith("/"):
-        raise AdapterValidationError(f"archive member {name!r} is an absolute path",
+        raise AdapterValidationError(f"archive member {client_text(name)} is an absolute path",
                                      "path_traversal")
     parts = [p for p in path.parts if p not in ("", ".")]
     if not parts or ".." in parts or (parts[0].endswith(":")):
-        raise AdapterValidationError(f"archive member {name!r} escapes the target directory",
-                                     "path_traversal")
+        raise AdapterValidationError(
+            f"archive member {client_text(name)} escapes the target directory", "path_traversal")
     return PurePosixPath(*parts)
 
 
@@ -115,44 +139,76 @@ def _safe_target(dest: Path, name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     # A previously extracted directory cannot be a link (we never create links), so this holds.
     if not target.resolve().is_relative_to(dest.resolve()):
-        raise AdapterValidationError(f"archive member {name!r} escapes the target directory",
-                                     "path_traversal")
+        raise AdapterValidationError(
+            f"archive member {client_text(name)} escapes the target directory", "path_traversal")
     return target
+
+
+_EXTENSION_TYPES = frozenset({tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK,
+                              tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE})
+
+
+def _bounded_tarinfo() -> type[tarfile.TarInfo]:
+    """A TarInfo class that refuses oversized or too many extension headers, and sparse files,
+    before tarfile reads them (one class per archive: it counts that archive's headers).
+
+    `_proc_member` is tarfile's documented hook for subclasses ("can be overridden in a
+    subclass"); it runs on a header block before the data that follows it is read.
+    """
+    seen = {"extension_headers": 0}
+
+    class BoundedTarInfo(tarfile.TarInfo):
+        def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+            if self.type in _EXTENSION_TYPES:
+                if self.size > MAX_EXTENSION_HEADER_BYTES:
+                    raise AdapterValidationError(
+                        f"archive holds a {self.size}-byte long-name or pax header; the limit "
+                        f"is {MAX_EXTENSION_HEADER_BYTES}", "too_large")
+                seen["extension_headers"] += 1
+                if seen["extension_headers"] > _MAX_EXTENSION_HEADERS:
+                    raise AdapterValidationError(
+                        f"archive holds more than {_MAX_EXTENSION_HEADERS} long-name or pax "
+                        "headers", "too_large")
+            elif self.type == tarfile.GNUTYPE_SPARSE:  # its extension blocks are unbounded
+                raise AdapterValidationError("archive holds a sparse file", "symlink_forbidden")
+            return super()._proc_member(tarfile_)  # type: ignore[misc]
+
+    return BoundedTarInfo
 
 
 def _extract_tar(archive: Path, dest: Path, budget: _Budget) -> None:
     try:
-        with tarfile.open(archive, mode="r:*") as tar:
+        with tarfile.open(archive, mode="r:*", tarinfo=_bounded_tarinfo()) as tar:
             count = 0
             for member in tar:
                 count += 1
+                name = client_text(member.name)
                 if count > MAX_MEMBERS:
                     raise AdapterValidationError(f"archive has more than {MAX_MEMBERS} members",
                                                  "too_large")
                 if member.issym() or member.islnk():
-                    raise AdapterValidationError(f"archive member {member.name!r} is a link",
+                    raise AdapterValidationError(f"archive member {name} is a link",
                                                  "symlink_forbidden")
                 if member.isdir():
                     _safe_target(dest, member.name).mkdir(exist_ok=True)
                     continue
                 if not member.isfile():
                     raise AdapterValidationError(
-                        f"archive member {member.name!r} is not a regular file",
-                        "symlink_forbidden")
+                        f"archive member {name} is not a regular file", "symlink_forbidden")
                 if member.size > budget.max_bytes - budget.used:  # refuse before inflating
                     raise AdapterValidationError(
-                        f"archive member {member.name!r} is {member.size} bytes; the limit is "
+                        f"archive member {name} is {member.size} bytes; the limit is "
                         f"{budget.max_bytes}", "too_large")
                 source = tar.extractfile(member)
                 if source is None:
-                    raise _permanent(f"cannot read archive member {member.name!r}")
+                    raise _permanent(f"cannot read archive member {name}")
                 with source:
                     _copy_stream(source, _safe_target(dest, member.name), budget)
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except (tarfile.TarError, EOFError, OSError, RecursionError) as exc:
         if isinstance(exc, FileExistsError):
-            raise AdapterValidationError(f"archive holds a member twice: {exc.filename}",
-                                         "path_traversal") from exc
-        raise _permanent(f"corrupt tar archive: {exc}") from exc
+            raise AdapterValidationError("archive holds a member twice",
+                                         "path_traversal") from None
+        raise _permanent(f"corrupt tar archive: {_os_reason(exc)}") from None
 
 
 def _extract_zip(archive: Path, dest: Path, budget: _Budget) -> None:
@@ -168,10 +224,10 @@ def _extract_zip(archive: Path, dest: Path, budget: _Budget) -> None:
                 file_type = stat.S_IFMT(info.external_attr >> 16)  # 0 when not recorded
                 if file_type not in (0, stat.S_IFREG, stat.S_IFDIR):
                     raise AdapterValidationError(
-                        f"archive member {info.filename!r} is a link or device",
+                        f"archive member {client_text(info.filename)} is a link or device",
                         "symlink_forbidden")
                 if info.flag_bits & 0x1:
-                    raise _permanent(f"archive member {info.filename!r} is encrypted")
+                    raise _permanent(f"archive member {client_text(info.filename)} is encrypted")
                 declared += info.file_size
             if declared > budget.max_bytes:  # cheap early refusal of a zip bomb
                 raise AdapterValidationError(
@@ -186,9 +242,9 @@ def _extract_zip(archive: Path, dest: Path, budget: _Budget) -> None:
                     _copy_stream(source, _safe_target(dest, info.filename), budget)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
         if isinstance(exc, FileExistsError):
-            raise AdapterValidationError(f"archive holds a member twice: {exc.filename}",
-                                         "path_traversal") from exc
-        raise _permanent(f"corrupt zip archive: {exc}") from exc
+            raise AdapterValidationError("archive holds a member twice",
+                                         "path_traversal") from None
+        raise _permanent(f"corrupt zip archive: {_os_reason(exc)}") from None
 
 
 def extract_archive(archive: Path, dest: Path, *, max_bytes: int) -> Path:
@@ -230,7 +286,7 @@ def _copy_tree(src: Path, dest: Path, budget: _Budget, *, links_within: Path | N
         if entry.is_symlink():
             resolved = entry.resolve()
             if links_within is None or not resolved.is_relative_to(links_within.resolve()):
-                raise AdapterValidationError(f"{entry.name} is a symbolic link",
+                raise AdapterValidationError(f"{client_text(entry.name)} is a symbolic link",
                                              "symlink_forbidden")
             real = resolved
         mode = real.lstat().st_mode
@@ -240,23 +296,24 @@ def _copy_tree(src: Path, dest: Path, budget: _Budget, *, links_within: Path | N
             with real.open("rb") as f:
                 _copy_stream(f, dest / entry.name, budget)
         else:
-            raise AdapterValidationError(f"{entry.name} is not a regular file",
+            raise AdapterValidationError(f"{client_text(entry.name)} is not a regular file",
                                          "symlink_forbidden")
 
 
 def _fetch_local(src: Path, dest: Path, max_bytes: int) -> Path:
+    shown = client_text(str(src), 120)  # the path the client gave, never more of it
     if src.is_symlink():
-        raise AdapterValidationError(f"{src} is a symbolic link", "symlink_forbidden")
+        raise AdapterValidationError(f"{shown} is a symbolic link", "symlink_forbidden")
     if not src.exists():
-        raise _permanent(f"{src} does not exist")
+        raise _permanent(f"{shown} does not exist")
     if src.is_file() and _is_archive_name(src.name):
         return extract_archive(src, dest, max_bytes=max_bytes)
     if not src.is_dir():
-        raise _permanent(f"{src} is neither an adapter directory nor an archive")
+        raise _permanent(f"{shown} is neither an adapter directory nor an archive")
     try:
         _copy_tree(src, dest, _Budget(max_bytes))
-    except PermissionError as exc:
-        raise _permanent(f"cannot read {exc.filename}: permission denied") from exc
+    except PermissionError:
+        raise _permanent(f"cannot read {shown}: permission denied") from None
     return dest
 
 
@@ -266,8 +323,9 @@ def _fetch_local(src: Path, dest: Path, max_bytes: int) -> Path:
 def _fetch_hf(spec: str, dest: Path, max_bytes: int, credentials: FetchCredentials | None,
               cache_dir: Path | None) -> Path:
     repo_id, _, revision = spec.partition("@")
+    shown = client_text(f"hf://{spec}")
     if repo_id.count("/") != 1:
-        raise _permanent(f"hf://{spec}: expected hf://org/name[@revision]")
+        raise _permanent(f"{shown}: expected hf://org/name[@revision]")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -277,11 +335,11 @@ def _fetch_hf(spec: str, dest: Path, max_bytes: int, credentials: FetchCredentia
             allow_patterns=[*_REMOTE_FILES, "*.md"],
             token=credentials.token if credentials else None,
         ))
-    except LocalEntryNotFoundError as exc:
-        raise _permanent(f"hf://{spec} is not in the local Hugging Face cache (this service is "
-                         "offline: pre-download it with `hf download`)") from exc
+    except LocalEntryNotFoundError:
+        raise _permanent(f"{shown} is not in the local Hugging Face cache (this service is "
+                         "offline: pre-download it with `hf download`)") from None
     except Exception as exc:  # huggingface_hub raises many unrelated types for a bad repo id
-        raise _permanent(f"hf://{spec}: {exc}") from exc
+        raise _permanent(f"{shown}: {type(exc).__name__}") from None
     # snapshots/<commit>/file -> ../../blobs/<sha>: links inside the repo's cache folder are fine.
     _copy_tree(snapshot, dest, _Budget(max_bytes), links_within=snapshot.parents[1])
     return dest
@@ -290,49 +348,81 @@ def _fetch_hf(spec: str, dest: Path, max_bytes: int, credentials: FetchCredentia
 # --- HTTP -----------------------------------------------------------------------------------
 
 
-def _http_error(url: str, exc: Exception) -> AdapterFetchError:
+class _Deadline:
+    """One deadline for a whole fetch; each connect/read also has its own timeout."""
+
+    def __init__(self, deadline_s: float, timeout_s: float) -> None:
+        self.deadline_s = deadline_s
+        self.timeout_s = timeout_s
+        self.ends = time.monotonic() + deadline_s
+
+    def timeout(self) -> httpx.Timeout:
+        """The per-operation timeout for a request starting now: never past the deadline."""
+        self.check()
+        return httpx.Timeout(min(self.timeout_s, self.ends - time.monotonic()))
+
+    def check(self) -> None:
+        if time.monotonic() >= self.ends:
+            raise AdapterFetchError(f"the source did not deliver the adapter within "
+                                    f"{self.deadline_s:g} s", transient=True)
+
+
+def _http_error(shown: str, exc: Exception) -> AdapterFetchError:
     if isinstance(exc, httpx.HTTPStatusError):
         code = exc.response.status_code
         transient = code >= 500 or code in (408, 429)
-        return AdapterFetchError(f"GET {url}: HTTP {code}", transient=transient)
+        return AdapterFetchError(f"GET {shown}: HTTP {code}", transient=transient)
+    if isinstance(exc, httpx.TooManyRedirects):
+        return _permanent(f"GET {shown}: too many redirects")
     if isinstance(exc, httpx.TransportError):
-        return AdapterFetchError(f"GET {url}: {type(exc).__name__}: {exc}", transient=True)
-    return _permanent(f"GET {url}: {exc}")
+        return AdapterFetchError(f"GET {shown}: {type(exc).__name__}", transient=True)
+    return _permanent(f"GET {shown}: {type(exc).__name__}")
 
 
-def _download(client: httpx.Client, url: str, dest: Path, budget: _Budget) -> None:
+def _download(client: httpx.Client, url: str, dest: Path, budget: _Budget,
+              deadline: _Deadline) -> None:
+    shown = client_text(url, 120)
     try:
-        with client.stream("GET", url) as response:
+        with client.stream("GET", url, timeout=deadline.timeout()) as response:
             response.raise_for_status()
             declared = response.headers.get("content-length")
             if declared is not None and declared.isdigit() and \
                     int(declared) + budget.used > budget.max_bytes:
                 raise AdapterValidationError(
-                    f"{url} is {declared} bytes; the limit is {budget.max_bytes}", "too_large")
+                    f"{shown} is {declared} bytes; the limit is {budget.max_bytes}", "too_large")
             with dest.open("xb") as out:
-                for chunk in response.iter_bytes(_CHUNK):
+                # No chunk size: each network read comes back at once, so a source that
+                # drip-feeds bytes meets the deadline check between reads.
+                for chunk in response.iter_bytes():
                     budget.take(len(chunk))
                     out.write(chunk)
+                    deadline.check()
+    except AddressRefused as exc:
+        raise _permanent(f"GET {shown}: {exc}") from None
     except httpx.HTTPError as exc:
-        raise _http_error(url, exc) from exc
+        deadline.check()  # a read cut short by the deadline is the deadline's failure
+        raise _http_error(shown, exc) from None
 
 
 def _fetch_http(url: str, dest: Path, max_bytes: int, credentials: FetchCredentials | None,
-                transport: httpx.BaseTransport | None, timeout_s: float) -> Path:
+                transport: httpx.BaseTransport | None, deadline: _Deadline,
+                allow_networks: Sequence[IPNetwork], resolve: Resolver) -> Path:
     headers = {"Authorization": f"Bearer {credentials.token}"} if credentials and \
         credentials.token else {}
     budget = _Budget(max_bytes)
     dest.mkdir(parents=True, exist_ok=True)
-    with httpx.Client(transport=transport, headers=headers, timeout=timeout_s,
-                      follow_redirects=True, max_redirects=5) as client:
+    # httpx drops the Authorization header when a redirect leaves the origin.
+    with httpx.Client(transport=transport or CheckedTransport(allow_networks, resolve),
+                      headers=headers, follow_redirects=True, max_redirects=5,
+                      trust_env=False) as client:
         if _is_archive_name(urlsplit(url).path):
             with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
                 archive = Path(tmp) / "archive"
-                _download(client, url, archive, budget)
+                _download(client, url, archive, budget, deadline)
                 return extract_archive(archive, dest / "adapter", max_bytes=max_bytes)
         base = url.rstrip("/")
         for name in _REMOTE_FILES:
-            _download(client, f"{base}/{name}", dest / name, budget)
+            _download(client, f"{base}/{name}", dest / name, budget, deadline)
     return dest
 
 
@@ -347,9 +437,9 @@ def _s3_error(uri: str, exc: Exception) -> AdapterFetchError:
         status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         transient = status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout",
                                               "ServiceUnavailable", "InternalError")
-        return AdapterFetchError(f"{uri}: {code or status}: {exc}", transient=transient)
+        return AdapterFetchError(f"{uri}: {client_text(code or status)}", transient=transient)
     # botocore's connection errors (EndpointConnectionError, timeouts) carry no response.
-    return AdapterFetchError(f"{uri}: {type(exc).__name__}: {exc}", transient=True)
+    return AdapterFetchError(f"{uri}: {type(exc).__name__}", transient=True)
 
 
 def _s3_client(credentials: FetchCredentials | None) -> Any:
@@ -373,7 +463,7 @@ def _fetch_s3(uri: str, dest: Path, max_bytes: int, credentials: FetchCredential
     parts = urlsplit(uri)
     bucket, prefix = parts.netloc, unquote(parts.path).lstrip("/")
     if not bucket:
-        raise _permanent(f"{uri}: expected s3://bucket/prefix")
+        raise _permanent(f"{client_text(uri)}: expected s3://bucket/prefix")
     client = _s3_client(credentials)
     budget = _Budget(max_bytes)
     dest.mkdir(parents=True, exist_ok=True)
@@ -384,8 +474,9 @@ def _fetch_s3(uri: str, dest: Path, max_bytes: int, credentials: FetchCredential
         try:
             head = client.head_object(Bucket=bucket, Key=key)
             if int(head.get("ContentLength", 0)) + budget.used > max_bytes:
-                raise AdapterValidationError(f"s3://{bucket}/{key} exceeds {max_bytes} bytes",
-                                             "too_large")
+                raise AdapterValidationError(
+                    f"{client_text(f's3://{bucket}/{key}', 120)} exceeds {max_bytes} bytes",
+                    "too_large")
             body = client.get_object(Bucket=bucket, Key=key)["Body"]
             try:
                 _copy_stream(body, target, budget)
@@ -394,7 +485,7 @@ def _fetch_s3(uri: str, dest: Path, max_bytes: int, credentials: FetchCredential
         except (AdapterValidationError, AdapterFetchError):
             raise
         except Exception as exc:
-            raise _s3_error(f"s3://{bucket}/{key}", exc) from exc
+            raise _s3_error(client_text(f"s3://{bucket}/{key}", 120), exc) from None
     if keys == [prefix]:
         root = extract_archive(dest / "archive", dest / "adapter", max_bytes=max_bytes)
         (dest / "archive").unlink()
@@ -414,11 +505,17 @@ def fetch_adapter(
     hf_cache_dir: Path | None = None,
     http_transport: httpx.BaseTransport | None = None,
     timeout_s: float = 60.0,
+    deadline_s: float = 600.0,
+    allow_networks: Sequence[IPNetwork] = (),
+    resolve: Resolver = system_resolver,
 ) -> Path:
     """Bring the adapter at `uri` into `dest_dir` (created; must not hold anything yet).
 
     Returns the directory that holds the adapter's files (`dest_dir` or a folder under it).
-    Blocking: call it through `asyncio.to_thread` from async code.
+    HTTP sources: `timeout_s` per connect or read, `deadline_s` for the whole fetch, and only
+    public addresses or those in `allow_networks` (`http_transport`, for tests, replaces the
+    checked transport and with it that check). Blocking: call it from a worker thread or
+    process (`lorafleet.adapters.sandbox`), never on an event loop.
     """
     dest = Path(dest_dir)
     if dest.exists() and any(dest.iterdir()):
@@ -431,16 +528,17 @@ def fetch_adapter(
         if scheme == "file":
             parts = urlsplit(uri)
             if parts.netloc not in ("", "localhost"):
-                raise _permanent(f"{uri}: file:// URIs must name a local path")
+                raise _permanent(f"{client_text(uri)}: file:// URIs must name a local path")
             return _fetch_local(Path(unquote(parts.path)), dest, max_bytes)
         if scheme == "hf":
             return _fetch_hf(uri[len("hf://"):], dest, max_bytes, credentials, hf_cache_dir)
         if scheme in ("http", "https"):
-            return _fetch_http(uri, dest, max_bytes, credentials, http_transport, timeout_s)
+            return _fetch_http(uri, dest, max_bytes, credentials, http_transport,
+                               _Deadline(deadline_s, timeout_s), allow_networks, resolve)
         if scheme == "s3":
             return _fetch_s3(uri, dest, max_bytes, credentials)
-        raise _permanent(f"unsupported adapter source {uri!r}: use a path, file://, hf://, "
-                         "http(s):// or s3://")
+        raise _permanent(f"unsupported adapter source {client_text(uri)}: use a path, file://, "
+                         "hf://, http(s):// or s3://")
 
 
 @contextmanager

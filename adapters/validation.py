@@ -6,6 +6,13 @@ judging; `validate_adapter_dir` gathers the facts and calls them. Every refusal 
 `AdapterValidationError` with a stable `code`.
 
 Accepted layout: `adapter_config.json`, `adapter_model.safetensors`, optional `*.md` files.
+
+Hostile content is bounded, not trusted: JSON nested deeper than `max_json_depth` is refused
+before anything walks it (Python's parser would raise `RecursionError`); a `target_modules`
+string (PEFT: a regex full-matched against module keys) is compiled by the `regex` package and
+matched under a time budget (`regex_budget_s`), because the standard `re` backtracks without
+bound and holds the GIL while it does. Refusal messages quote client input only through
+`client_text` and never name a server path.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import math
 import os
 import re
 import struct
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +32,7 @@ import numpy as np
 
 from .basemodel import LLAMA_MODULES, BaseModelInfo, block_of
 from .digest import digest_files
-from .errors import AdapterValidationError
+from .errors import AdapterValidationError, client_text
 
 __all__ = [
     "CONFIG_FILE",
@@ -51,6 +59,11 @@ _TENSOR_NAME = re.compile(
     r"\.lora_(A|B)\.weight$"
 )
 _CHUNK_ELEMENTS = 1 << 20
+# A `target_modules` pattern longer than this is not a module selector.
+_MAX_PATTERN_CHARS = 256
+# Counted repetition (`{n}`, `{n,m}`): the `regex` package compiles `(a{1000}){1000}` for
+# seconds and a nested one until memory runs out, before any match-time budget applies.
+_COUNTED_REPEAT = re.compile(r"\{\s*\d*\s*,?\s*\d*\s*\}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +72,8 @@ class ValidationLimits:
     max_bytes: int = 512 << 20  # all accepted files together
     max_header_bytes: int = 1 << 20  # a LoRA header lists at most a few hundred tensors
     max_entries: int = 64  # directory entries looked at before refusing
+    max_json_depth: int = 32  # a PEFT config nests 3 deep, a safetensors header 3
+    regex_budget_s: float = 0.25  # all matches of one `target_modules` pattern together
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,18 +120,18 @@ def decide_files(entries: Iterable[tuple[str, bool, bool]]) -> tuple[str, ...]:
     items = list(entries)
     for rel, _, _ in items:
         if Path(rel).suffix.lower() in PICKLE_SUFFIXES:
-            raise _refuse("pickle_forbidden", f"{rel}: pickle-based weights can run code when "
+            raise _refuse("pickle_forbidden", f"{client_text(rel)}: pickle-based weights can run code when "
                           "loaded; only safetensors is accepted")
     for rel, is_link, _ in items:
         if is_link:
-            raise _refuse("symlink_forbidden", f"{rel} is a symbolic link")
+            raise _refuse("symlink_forbidden", f"{client_text(rel)} is a symbolic link")
     accepted = []
     for rel, _, is_file in items:
         top_level = "/" not in rel
         if is_file and top_level and (rel in (CONFIG_FILE, WEIGHTS_FILE) or rel.endswith(".md")):
             accepted.append(rel)
         else:
-            raise _refuse("unexpected_file", f"{rel}: only {CONFIG_FILE}, {WEIGHTS_FILE} and "
+            raise _refuse("unexpected_file", f"{client_text(rel)}: only {CONFIG_FILE}, {WEIGHTS_FILE} and "
                           "*.md files are accepted")
     for required in (CONFIG_FILE, WEIGHTS_FILE):
         if required not in accepted:
@@ -148,38 +163,74 @@ def _scan(root: Path, limit: int) -> list[tuple[str, bool, bool, int]]:
 # --- config ---------------------------------------------------------------------------------
 
 
-def _claimed_targets(targets: Any, base: BaseModelInfo) -> frozenset[str]:
+def _claimed_targets(targets: Any, base: BaseModelInfo, budget_s: float) -> frozenset[str]:
     known = ", ".join(base.modules)
     if isinstance(targets, str):
         if targets == "all-linear":
             return frozenset(base.modules)
-        # PEFT full-matches a regex against module keys such as `model.layers.0.self_attn.q_proj`;
-        # the modules it claims are those it matches in at least one layer.
-        try:
-            pattern = re.compile(targets)
-        except re.error as exc:
-            raise _refuse("bad_config", f"target_modules regex {targets!r}: {exc}") from exc
-        matched = frozenset(
-            module for module in base.modules
-            if any(pattern.fullmatch(f"model.layers.{i}.{block_of(module)}.{module}")
-                   for i in range(base.num_layers))
-        )
-        if not matched:
-            raise _refuse("unknown_target_module", f"target_modules regex {targets!r} matches "
-                          f"none of the base model's modules ({known})")
-        return matched
+        return _pattern_targets(targets, base, budget_s)
     if not isinstance(targets, list | tuple) or not targets or not all(
         isinstance(t, str) for t in targets
     ):
-        raise _refuse("bad_config", "target_modules must be a non-empty list of names or a regex")
+        raise _refuse("bad_config", "target_modules must be a non-empty list of names, "
+                      "'all-linear' or a regex")
+    if len(targets) > 4 * len(LLAMA_MODULES):
+        raise _refuse("bad_config", f"target_modules lists {len(targets)} names")
     claimed = set()
     for target in targets:
         module = target.rsplit(".", 1)[-1]  # `self_attn.q_proj` names the same module as `q_proj`
         if module not in base.modules:
-            raise _refuse("unknown_target_module", f"target module {target!r} is not one of the "
-                          f"base model's LoRA-able modules ({known})")
+            raise _refuse("unknown_target_module", f"target module {client_text(target)} is not "
+                          f"one of the base model's LoRA-able modules ({known})")
         claimed.add(module)
     return frozenset(claimed)
+
+
+def _pattern_targets(pattern: str, base: BaseModelInfo, budget_s: float) -> frozenset[str]:
+    """The modules a PEFT `target_modules` regex claims: those it full-matches in at least one
+    layer's key (`model.layers.0.self_attn.q_proj`), as PEFT decides when it trains.
+
+    Bounded three ways: the pattern's length, no counted repetition (compile cost), and one time
+    budget for every match (the `regex` package checks it while it backtracks and releases the
+    GIL meanwhile). A pattern that runs out of budget is refused as `too_complex`.
+    """
+    shown = client_text(pattern)
+    if len(pattern) > _MAX_PATTERN_CHARS:
+        raise _refuse("bad_config", f"target_modules pattern {shown} is longer than "
+                      f"{_MAX_PATTERN_CHARS} characters")
+    if _COUNTED_REPEAT.search(pattern):
+        raise _refuse("bad_config", f"target_modules pattern {shown}: counted repetition "
+                      "({n,m}) is not accepted; list the module names instead")
+    try:
+        import regex  # linear-time guards and a match timeout, which `re` lacks
+    except ImportError:  # pragma: no cover - a dependency of the package
+        raise _refuse("unsupported_config", "a target_modules pattern needs the `regex` package "
+                      "on this server; list the module names instead") from None
+    try:
+        compiled = regex.compile(pattern)
+    except (regex.error, RecursionError, OverflowError, ValueError) as exc:
+        raise _refuse("bad_config", f"target_modules pattern {shown} does not compile "
+                      f"({client_text(str(exc))})") from None
+    deadline = time.monotonic() + budget_s
+    matched = set()
+    try:
+        for module in base.modules:
+            for i in range(base.num_layers):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                key = f"model.layers.{i}.{block_of(module)}.{module}"
+                if compiled.fullmatch(key, timeout=remaining, concurrent=True):
+                    matched.add(module)
+                    break
+    except TimeoutError:
+        raise _refuse("too_complex", f"target_modules pattern {shown} takes longer than "
+                      f"{budget_s:g} s to match the base model's {len(base.modules)} module "
+                      "names; list the module names instead") from None
+    if not matched:
+        raise _refuse("unknown_target_module", f"target_modules pattern {shown} matches "
+                      f"none of the base model's modules ({', '.join(base.modules)})")
+    return frozenset(matched)
 
 
 def decide_config(config: Any, base: BaseModelInfo, limits: ValidationLimits) -> ConfigClaims:
@@ -188,31 +239,33 @@ def decide_config(config: Any, base: BaseModelInfo, limits: ValidationLimits) ->
         raise _refuse("bad_config", f"{CONFIG_FILE} must hold a JSON object")
     peft_type = config.get("peft_type")
     if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
-        raise _refuse("not_lora", f"peft_type is {peft_type!r}; only LORA adapters are served")
+        raise _refuse("not_lora", f"peft_type is {client_text(peft_type)}; only LORA adapters "
+                      "are served")
     trained_for = config.get("base_model_name_or_path")
     if trained_for != base.name:
-        raise _refuse("wrong_base_model", f"the adapter was trained for {trained_for!r} but this "
-                      f"server serves {base.name!r}")
+        raise _refuse("wrong_base_model", f"the adapter was trained for {client_text(trained_for)} "
+                      f"but this server serves {base.name!r}")
     if config.get("modules_to_save"):
         raise _refuse("unsupported_config", "modules_to_save is set: adapters that replace whole "
                       "modules are not served")
     if config.get("use_dora"):
         raise _refuse("unsupported_config", "DoRA adapters (use_dora) are not served")
     if config.get("bias", "none") not in (None, "none"):
-        raise _refuse("unsupported_config", f"bias={config.get('bias')!r}: only 'none' is served")
+        raise _refuse("unsupported_config", f"bias={client_text(config.get('bias'))}: only 'none' "
+                      "is served")
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key):
             raise _refuse("unsupported_config", f"{key} is set: the engine applies one r and one "
                           "lora_alpha to every module, so per-module overrides would be ignored")
     rank = config.get("r")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise _refuse("bad_config", f"r must be a positive integer, got {rank!r}")
+        raise _refuse("bad_config", f"r must be a positive integer, got {client_text(rank)}")
     if rank > limits.max_rank:
         raise _refuse("rank_too_large", f"r={rank} exceeds this server's limit {limits.max_rank}")
     alpha = config.get("lora_alpha", 8)
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
-        raise _refuse("bad_config", f"lora_alpha must be a number, got {alpha!r}")
-    targets = _claimed_targets(config.get("target_modules"), base)
+        raise _refuse("bad_config", f"lora_alpha must be a number, got {client_text(alpha)}")
+    targets = _claimed_targets(config.get("target_modules"), base, limits.regex_budget_s)
     return ConfigClaims(rank=rank, alpha=float(alpha), target_modules=targets)
 
 
@@ -224,6 +277,36 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     if len(keys) != len(set(keys)):
         raise ValueError("duplicate key in safetensors header")
     return dict(pairs)
+
+
+def _json_depth(value: Any) -> int:
+    """How deep `value` nests (a scalar is 0), walked without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in
+                         (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _load_json(raw: bytes, what: str, code: Any, max_depth: int, **kwargs: Any) -> Any:
+    """Parse client JSON; anything unreadable or nested deeper than `max_depth` is `code`.
+
+    Python's parser recurses once per level and raises `RecursionError` near 1,000 levels; the
+    depth check after it keeps every later walk (repr, messages) on shallow data.
+    """
+    try:
+        value = json.loads(raw.decode("utf-8"), **kwargs)
+    except RecursionError:
+        raise _refuse(code, f"{what} nests deeper than {max_depth} levels") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        # json's messages give a position, never the input itself.
+        raise _refuse(code, f"{what} is not valid JSON ({client_text(str(exc), 120)})") from None
+    if _json_depth(value) > max_depth:
+        raise _refuse(code, f"{what} nests deeper than {max_depth} levels")
+    return value
 
 
 def read_safetensors_header(path: Path, limits: ValidationLimits) -> tuple[int, list[TensorInfo]]:
@@ -242,10 +325,8 @@ def read_safetensors_header(path: Path, limits: ValidationLimits) -> tuple[int, 
             raise _refuse("bad_header", f"{path.name} declares a {header_len}-byte header "
                           f"(file is {size} bytes, limit {limits.max_header_bytes})")
         raw = f.read(header_len)
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _refuse("bad_header", f"{path.name}: unreadable header ({exc})") from exc
+    header = _load_json(raw, f"{path.name} header", "bad_header", limits.max_json_depth,
+                        object_pairs_hook=_no_duplicates)
     if not isinstance(header, dict):
         raise _refuse("bad_header", f"{path.name}: header is not a JSON object")
     tensors = []
@@ -257,14 +338,15 @@ def read_safetensors_header(path: Path, limits: ValidationLimits) -> tuple[int, 
             if not (isinstance(dtype, str) and all(isinstance(d, int) and d >= 0 for d in shape)
                     and isinstance(begin, int) and isinstance(end, int)):
                 raise TypeError("bad field types")
-        except (KeyError, TypeError, ValueError) as exc:
-            raise _refuse("bad_header", f"{path.name}: malformed entry {name!r}") from exc
+        except (KeyError, TypeError, ValueError):
+            raise _refuse("bad_header", f"{path.name}: malformed entry {client_text(name)}") \
+                from None
         tensors.append(TensorInfo(name, dtype, tuple(shape), begin, end))
     data_len = size - 8 - header_len
     position = 0
     for t in sorted(tensors, key=lambda t: (t.begin, t.end)):
         if t.begin != position or t.end < t.begin:
-            raise _refuse("bad_header", f"{path.name}: tensor {t.name!r} has overlapping or "
+            raise _refuse("bad_header", f"{path.name}: tensor {client_text(t.name)} has overlapping or "
                           "gapped data offsets")
         position = t.end
     if position != data_len:
@@ -281,7 +363,8 @@ def _cross_check_with_library(path: Path, names: set[str]) -> None:
         with safe_open(str(path), framework="numpy") as f:
             library_names = set(f.keys())
     except Exception as exc:  # the library raises its own SafetensorError / OSError types
-        raise _refuse("bad_header", f"{path.name}: safetensors refuses the file ({exc})") from exc
+        raise _refuse("bad_header", f"{path.name}: safetensors refuses the file "
+                      f"({client_text(str(exc), 120)})") from None
     if library_names != names:
         raise _refuse("bad_header", f"{path.name}: header parsers disagree on the tensor names")
 
@@ -297,7 +380,7 @@ def decide_tensors(
     for t in tensors:
         match = _TENSOR_NAME.fullmatch(t.name)
         if match is None:
-            raise _refuse("bad_tensor", f"unexpected tensor {t.name!r}: expected "
+            raise _refuse("bad_tensor", f"unexpected tensor {client_text(t.name)}: expected "
                           "base_model.model.model.layers.<i>.<self_attn|mlp>.<module>"
                           ".lora_<A|B>.weight")
         layer, block, module, side = int(match[1]), match[2], match[3], match[4]
@@ -366,10 +449,11 @@ def validate_adapter_dir(
 ) -> AdapterManifest:
     """Validate a PEFT LoRA adapter directory; return its manifest or raise the first refusal."""
     root = Path(path)
+    # The root is this server's scratch path: refusals name the adapter, never the path.
     if root.is_symlink():
-        raise _refuse("symlink_forbidden", f"{root} is a symbolic link")
+        raise _refuse("symlink_forbidden", "the adapter directory is a symbolic link")
     if not root.is_dir():
-        raise _refuse("missing_file", f"{root} is not a directory")
+        raise _refuse("missing_file", "the adapter is not a directory")
     entries = _scan(root, limits.max_entries)
     accepted = decide_files((rel, link, is_file) for rel, link, is_file, _ in entries)
     size = sum(s for rel, _, _, s in entries if rel in accepted)
@@ -379,10 +463,7 @@ def validate_adapter_dir(
     config_path = root / CONFIG_FILE
     if config_path.stat().st_size > _MAX_CONFIG_BYTES:
         raise _refuse("bad_config", f"{CONFIG_FILE} is larger than {_MAX_CONFIG_BYTES} bytes")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _refuse("bad_config", f"{CONFIG_FILE} is not valid JSON ({exc})") from exc
+    config = _load_json(config_path.read_bytes(), CONFIG_FILE, "bad_config", limits.max_json_depth)
     claims = decide_config(config, base, limits)
 
     weights = root / WEIGHTS_FILE

@@ -8,7 +8,7 @@ import lorafleet.adapters as adapters
 
 MODULES = ["model", "keys", "errors", "basemodel", "validation", "digest", "sources", "cache",
            "ingest", "registry", "registry.base", "registry.sqlite", "registry.redis", "store",
-           "secrets", "materialize"]
+           "secrets", "materialize", "netguard", "sandbox"]
 
 
 def test_all_names_exist_and_are_sorted() -> None:

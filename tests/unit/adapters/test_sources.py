@@ -16,9 +16,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lorafleet.adapters.errors import AdapterFetchError, AdapterValidationError
+from lorafleet.adapters.netguard import parse_networks
 from lorafleet.adapters.sources import decide_member_path, fetch_adapter
 
 FILES = ("adapter_config.json", "adapter_model.safetensors")
+# The test servers listen on loopback, which intake refuses unless allowlisted.
+LOOPBACK = parse_networks(["127.0.0.0/8"])
 
 
 def _tar(path: Path, members: dict[str, bytes], *, links: dict[str, str] | None = None) -> Path:
@@ -110,7 +113,8 @@ def test_http_tar_gz_zip_and_base_url(make_adapter: Any, tmp_path: Path,
     for name, data in _adapter_files(src).items():
         (root / "plain" / name).write_bytes(data)
     for i, path in enumerate(["a.tar.gz", "a.zip", "plain/"]):
-        out = fetch_adapter(f"{base_url}/{path}", tmp_path / f"o{i}", max_bytes=1 << 22)
+        out = fetch_adapter(f"{base_url}/{path}", tmp_path / f"o{i}", max_bytes=1 << 22,
+                            allow_networks=LOOPBACK)
         assert _adapter_files(out) == _adapter_files(src)
 
 
@@ -118,7 +122,8 @@ def test_http_404_is_permanent_and_refused_connection_transient(
         tmp_path: Path, http_root: tuple[str, Path]) -> None:
     base_url, _ = http_root
     with pytest.raises(AdapterFetchError) as info:
-        fetch_adapter(f"{base_url}/missing.tar.gz", tmp_path / "a", max_bytes=100)
+        fetch_adapter(f"{base_url}/missing.tar.gz", tmp_path / "a", max_bytes=100,
+                      allow_networks=LOOPBACK)
     assert not info.value.transient and "404" in info.value.reason
     import socket
 
@@ -127,7 +132,7 @@ def test_http_404_is_permanent_and_refused_connection_transient(
         port = s.getsockname()[1]
     with pytest.raises(AdapterFetchError) as info:
         fetch_adapter(f"http://127.0.0.1:{port}/a.zip", tmp_path / "b", max_bytes=100,
-                      timeout_s=2)
+                      timeout_s=2, allow_networks=LOOPBACK)
     assert info.value.transient
 
 
@@ -145,7 +150,8 @@ def test_http_download_over_limit(tmp_path: Path, http_root: tuple[str, Path]) -
     base_url, root = http_root
     (root / "big.zip").write_bytes(b"\0" * 5000)
     with pytest.raises(AdapterValidationError) as info:
-        fetch_adapter(f"{base_url}/big.zip", tmp_path / "a", max_bytes=1000)
+        fetch_adapter(f"{base_url}/big.zip", tmp_path / "a", max_bytes=1000,
+                      allow_networks=LOOPBACK)
     assert info.value.code == "too_large"
 
 
