@@ -155,12 +155,14 @@ async def test_slowloris_and_stalled_readers_do_not_starve_others(fault_server: 
 
 
 async def test_thousands_of_tiny_streaming_requests(fault_server: Server) -> None:
-    """2,000 one-token streams, 24 at a time per tenant, over adapters and the base model.
+    """1,000 one-token streams, 24 at a time per tenant, over adapters and the base model.
 
     The demo quota (600 requests a minute per tenant as a token bucket of 600, 32 at once)
     admits a tenant's first 600 at once and 10 a second after that: what goes over it must be
-    a clean 429 rate-limit error; everything admitted must stream to [DONE]."""
-    n, per_tenant = 2000, 24
+    a clean 429 rate-limit error; everything admitted must stream to [DONE], and nothing is
+    left running. (On this 2-core machine the server completes ~10 such streams a second, so
+    each tenant's 500 stay within its bucket; the test costs ~100 s.)"""
+    n, per_tenant = 1000, 24
     plan = {"alice": ["pirate", "french", "SmolLM2-135M-Instruct"], "bob": ["json", "SmolLM2-135M-Instruct"]}
     statuses: dict[str, dict[int, int]] = {t: {} for t in plan}
     error_codes: set[str] = set()

@@ -91,55 +91,56 @@ def _interrupted(order: list[str]) -> set[str]:
     return out
 
 
-async def test_greedy_output_is_identical_with_and_without_pauses(tiny_model, adapters):
-    reqs = _requests(adapters)
-    results = {}
-    for policy in ("fcfs", "tokenflow"):
-        engine = VLLMEngine(_config(tiny_model, policy),
-                            adapter_files=node_files(_config(tiny_model, policy)))
-        await engine.start()
-        order: list[str] = []
-        try:
-            results[policy] = await _run(engine, reqs, order)
-        finally:
-            await engine.shutdown()
-        if policy == "tokenflow":
-            # One batch slot: a stream that stops and later goes on was paused and resumed.
-            assert len(_interrupted(order)) >= 3, order
-    assert all(len(t) == 24 for t in results["fcfs"].values())
-    assert results["tokenflow"] == results["fcfs"]
+async def _serve(config: EngineConfig, reqs: list[GenerateRequest]
+                 ) -> tuple[dict[str, tuple[int, ...]], list[str], str]:
+    """Start an engine, run ``reqs`` at once, stop it: (tokens per request, the order tokens
+    arrived in, the engine core's metrics text)."""
+    engine = VLLMEngine(config, adapter_files=node_files(config))
+    await engine.start()
+    order: list[str] = []
+    try:
+        results = await _run(engine, reqs, order)
+        return results, order, engine.core_metrics_text()
+    finally:
+        await engine.shutdown()
 
 
-async def test_paused_requests_come_back_from_the_offload_tiers(tiny_model, adapters):
+@pytest.fixture(scope="module")
+async def reference(tiny_model: Path, adapters: list[AdapterRef]) -> dict[str, tuple[int, ...]]:
+    """What stock scheduling answers (greedy), once for both tests: output is the same
+    whether the engine core runs in-process or not, with prefix caching or without."""
+    results, _, _ = await _serve(_config(tiny_model, "fcfs"), _requests(adapters))
+    assert all(len(t) == 24 for t in results.values())
+    return results
+
+
+async def test_greedy_output_is_identical_with_and_without_pauses(tiny_model, adapters, reference):
+    results, order, _ = await _serve(_config(tiny_model, "tokenflow"), _requests(adapters))
+    # One batch slot: a stream that stops and later goes on was paused and resumed.
+    assert len(_interrupted(order)) >= 3, order
+    assert results == reference
+
+
+async def test_paused_requests_come_back_from_the_offload_tiers(tiny_model, adapters, reference):
     """Prefix caching off, so a resumed request's KV can only come from our connector's tiers
     or be recomputed: with room in host memory every resume restores blocks; with a pool of
     about one block (spilling nowhere) resumes fall back to recompute. Greedy text never changes.
     Served configuration: vLLM's engine core in its own process and, on the CPU, the worker in
     another (the connector's two halves share only the tier folders)."""
-    reqs = _requests(adapters)
     results, stats = {}, {}
     block_bytes = 4 * 32 * 2 * 64 * 2  # one layer's block of the tiny model is ~32 KiB; 2 layers
-    for label, policy, host_bytes in (("fcfs", "fcfs", 0), ("offload", "tokenflow", 64 << 20),
-                                      ("evicting", "tokenflow", block_bytes)):
-        config = _config(tiny_model, policy).model_copy(update={
+    for label, host_bytes in (("offload", 64 << 20), ("evicting", block_bytes)):
+        config = _config(tiny_model, "tokenflow").model_copy(update={
             "prefix_caching": False, "kv_offload_host_bytes": host_bytes, "multiprocessing": True})
-        engine = VLLMEngine(config, adapter_files=node_files(config))
-        await engine.start()
-        order: list[str] = []
-        try:
-            results[label] = await _run(engine, reqs, order)
-            core = engine.core_metrics_text()
-        finally:
-            await engine.shutdown()
-        if policy == "tokenflow":
-            assert len(_interrupted(order)) >= 3, order
-            # The engine core's lorafleet_* series reach this process (after each pause/resume).
-            assert "lorafleet_scheduler_pauses_total" in core, core
-            stats[label] = read_counters(core)
+        results[label], order, core = await _serve(config, _requests(adapters))
+        assert len(_interrupted(order)) >= 3, order
+        # The engine core's lorafleet_* series reach this process (after each pause/resume).
+        assert "lorafleet_scheduler_pauses_total" in core, core
+        stats[label] = read_counters(core)
     off, ev = stats["offload"], stats["evicting"]
     print(f"\noffload: {off}\nevicting: {ev}")
     for label in ("offload", "evicting"):
-        diff = {k: (v, results["fcfs"][k]) for k, v in results[label].items() if v != results["fcfs"][k]}
+        diff = {k: (v, reference[k]) for k, v in results[label].items() if v != reference[k]}
         assert not diff, (label, diff)
     out, into = "lorafleet_kv_offload_blocks{direction=out}", "lorafleet_kv_offload_blocks{direction=in}"
     bytes_out, bytes_in = (k.replace("_blocks", "_bytes") for k in (out, into))

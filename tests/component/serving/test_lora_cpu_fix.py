@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -76,23 +78,33 @@ def hf_reference(tiny_model: Path, three_adapters: dict[str, Path]) -> dict[tupl
     return out
 
 
-async def _generate(model_dir: Path, adapters: dict[str, Path], vocab: int, stock_ops: bool,
-                    alone: bool = False) -> dict[tuple[str, int], list[int]]:
-    """Every (model, prompt) greedily: all at once (mixed batches) or one at a time."""
+Generate = Callable[[bool], Awaitable[dict[tuple[str, int], list[int]]]]
+
+
+@asynccontextmanager
+async def _engine(model_dir: Path, adapters: dict[str, Path], vocab: int,
+                  stock_ops: bool) -> AsyncIterator[Generate]:
+    """An engine with the adapters loaded; yields ``generate(alone)``: every (model, prompt)
+    greedily, all at once (mixed batches) or one at a time."""
     previous = os.environ.get("LORAFLEET_STOCK_LORA_OPS")
     os.environ["LORAFLEET_STOCK_LORA_OPS"] = "1" if stock_ops else "0"
     engine = VLLMEngine(EngineConfig(
         model_dir=str(model_dir), served_model_name=TINY_MODEL_NAME, dtype="float32",
         max_model_len=256, max_loras=3, max_lora_rank=16, max_cpu_loras=4,
         kv_cache_bytes=32 * 2**20,
+        prefix_caching=False,  # each run computes every prompt's prefill (no reuse across runs)
     ), replica_id="stock" if stock_ops else "fixed")
     try:
         await engine.start()
         engine.adapter_files = node_files(engine.config)
         refs = {n: local_ref(f"t/{n}@0", p, model_dir, TINY_MODEL_NAME) for n, p in adapters.items()}
+        for ref in refs.values():
+            await engine.load_adapter(ref)
+        jobs = [(n, i, ids) for i, ids in enumerate(_prompts(vocab)) for n in ("base", *adapters)]
+        runs = iter(range(1_000))
 
-        async def run(name: str, i: int, ids: list[int]) -> tuple[tuple[str, int], list[int]]:
-            req = GenerateRequest(f"{name}-{i}-{stock_ops}", tuple(ids),
+        async def run(name: str, i: int, ids: list[int], tag: int) -> tuple[tuple[str, int], list[int]]:
+            req = GenerateRequest(f"{name}-{i}-{stock_ops}-{tag}", tuple(ids),
                                   SamplingOptions(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True),
                                   refs.get(name))
             toks: list[int] = []
@@ -100,12 +112,13 @@ async def _generate(model_dir: Path, adapters: dict[str, Path], vocab: int, stoc
                 toks.extend(d.token_ids)
             return (name, i), toks
 
-        for ref in refs.values():
-            await engine.load_adapter(ref)
-        jobs = [(n, i, ids) for i, ids in enumerate(_prompts(vocab)) for n in ("base", *adapters)]
-        if alone:
-            return dict([await run(*job) for job in jobs])
-        return dict(await asyncio.gather(*(run(*job) for job in jobs)))
+        async def generate(alone: bool) -> dict[tuple[str, int], list[int]]:
+            tag = next(runs)
+            if alone:
+                return dict([await run(*job, tag) for job in jobs])
+            return dict(await asyncio.gather(*(run(*job, tag) for job in jobs)))
+
+        yield generate
     finally:
         await engine.shutdown()
         if previous is None:
@@ -117,8 +130,9 @@ async def _generate(model_dir: Path, adapters: dict[str, Path], vocab: int, stoc
 async def test_mixed_batch_and_alone_match_hf_peft_with_our_path(tiny_model, three_adapters,
                                                                 hf_reference):
     vocab = hf_reference[("vocab", 0)][0]
-    together = await _generate(tiny_model, three_adapters, vocab, stock_ops=False)
-    alone = await _generate(tiny_model, three_adapters, vocab, stock_ops=False, alone=True)
+    async with _engine(tiny_model, three_adapters, vocab, stock_ops=False) as generate:
+        together = await generate(False)
+        alone = await generate(True)
     for label, got in (("concurrent", together), ("alone", alone)):
         mismatches = {k: (v, hf_reference[k]) for k, v in got.items() if v != hf_reference[k]}
         assert not mismatches, (label, mismatches)
@@ -131,6 +145,7 @@ async def test_mixed_batch_and_alone_match_hf_peft_with_our_path(tiny_model, thr
 async def test_stock_ops_corrupt_base_rows(tiny_model, three_adapters, hf_reference):
     """Documents the upstream bug on the pinned vLLM: base rows drift from the reference."""
     vocab = hf_reference[("vocab", 0)][0]
-    got = await _generate(tiny_model, three_adapters, vocab, stock_ops=True)
+    async with _engine(tiny_model, three_adapters, vocab, stock_ops=True) as generate:
+        got = await generate(False)
     base_ok = sum(got[("base", i)] == hf_reference[("base", i)] for i in range(PROMPTS))
     assert base_ok < PROMPTS, "stock vLLM no longer shows the -1 index bug: drop the plugin's fix?"
