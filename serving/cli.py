@@ -14,7 +14,8 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, get_args
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import ValidationError
 
@@ -22,8 +23,6 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def _serve_parser(sub: Any) -> None:
-    from .config import PlacementStrategy, SchedulingPolicy
-
     p = sub.add_parser("serve", help="Run the serving tier (Ray Serve + vLLM) on this machine.")
     demo = p.add_mutually_exclusive_group()
     demo.add_argument("--demo", dest="demo", action="store_true", default=None,
@@ -48,42 +47,64 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--adapter-secrets-dir", default=None,
                    help="Mounted secretRef credentials, <dir>/<secret>/<KEY> "
                    "(default <data-dir>/secrets).")
-    p.add_argument("--max-loras", type=int, default=4, help="Adapter slots per batch.")
-    p.add_argument("--max-lora-rank", type=int, default=32, help="Largest adapter rank.")
-    p.add_argument("--max-cpu-loras", type=int, default=32, help="Adapters resident per replica.")
-    p.add_argument("--max-model-len", type=int, default=2048, help="Context length.")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="Most sequences per batch.")
-    p.add_argument("--kv-cache-gib", type=float, default=2.0, help="KV cache per replica (GiB).")
-    p.add_argument("--dtype", default="auto",
-                   help="Model dtype (auto: bfloat16 on CUDA, float32 on the CPU).")
-    p.add_argument("--scheduling-policy", choices=get_args(SchedulingPolicy), default="fcfs",
-                   help="fcfs: stock vLLM; tokenflow: streaming-aware preemptive scheduling.")
-    p.add_argument("--default-consumption-rate", type=float, default=6.0,
-                   help="Tokens/s a streaming client reads when it declares none (tokenflow).")
-    p.add_argument("--scheduling-max-running", type=int, default=None,
-                   help="tokenflow: batch slots filled before long buffers pause "
-                   "(default: --max-num-seqs).")
-    p.add_argument("--scheduling-param", action="append", default=[], metavar="NAME=VALUE",
-                   type=_name_value,
-                   help="tokenflow: a policy knob (repeatable), e.g. resume_margin_s=2; "
-                   "see docs/scheduling.md for the names.")
-    p.add_argument("--kv-offload-gib", type=float, default=1.0,
-                   help="tokenflow: host pool for paused requests' KV, outside vLLM's cache "
-                   "(0: paused requests are recomputed).")
-    p.add_argument("--kv-offload-disk-dir", default=None,
-                   help="tokenflow: spill KV evicted from the host pool here.")
-    p.add_argument("--num-gpus", type=_gpu_request, default="auto", metavar="N|auto",
-                   help="GPUs per tensor-parallel rank of each engine replica, asked of Ray "
-                   "(auto: 1 when this machine sees a CUDA device, else 0; a fraction shares a GPU).")
-    p.add_argument("--tensor-parallel-size", type=int, default=1,
-                   help="Tensor-parallel ranks per engine replica (placement group of one bundle "
-                   "per rank when above 1).")
-    p.add_argument("--placement-strategy", choices=get_args(PlacementStrategy),
-                   default="STRICT_PACK",
-                   help="Ray placement-group strategy of a replica's ranks (tensor parallel only).")
+    engine_flags(p)
     p.add_argument("--ingress-replicas", type=int, default=None,
                    help="Ingress replicas (HTTP front; default 1).")
     p.set_defaults(func=cmd_serve)
+
+
+def engine_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ``EngineSettings`` field: ``--<name-with-dashes>`` (or the field's ``flag``),
+    its type, choices, default and help all read from the field, so a flag cannot drift from
+    the setting it sets. A dict field is a repeatable ``NAME=VALUE`` flag."""
+    from .config import EngineSettings
+
+    group = parser.add_argument_group("engine settings (config.EngineSettings)")
+    for name, field in EngineSettings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        kind = _flag_kind(field.annotation)
+        if kind.get("action") == "append":
+            default = sorted(default.items())
+        shown = "" if default in (None, []) else f" (default: {default})"
+        group.add_argument(
+            _flag_of(name), dest=name, default=default,
+            help=(field.description or "").replace("%", "%%") + shown, **kind)
+
+
+def _flag_of(name: str) -> str:
+    from .config import EngineSettings
+
+    extra = EngineSettings.model_fields[name].json_schema_extra
+    flag = extra.get("flag") if isinstance(extra, dict) else None
+    return str(flag) if flag else "--" + name.replace("_", "-")
+
+
+def _flag_kind(annotation: Any) -> dict[str, Any]:
+    """argparse keywords for a field's type: its parser, or its choices."""
+    from .config import GpuRequest
+
+    if annotation == GpuRequest:
+        return {"type": _gpu_request, "metavar": "N|auto"}
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return {"choices": get_args(annotation)}
+    if origin is dict:
+        return {"action": "append", "type": _name_value, "metavar": "NAME=VALUE"}
+    if origin in (Union, UnionType):
+        (only,) = [a for a in get_args(annotation) if a is not type(None)]
+        return _flag_kind(only)
+    if annotation in (int, float, str):
+        return {"type": annotation}
+    raise TypeError(f"no command-line flag for a setting of type {annotation}")
+
+
+def engine_settings(args: argparse.Namespace) -> Any:
+    """The ``EngineSettings`` that the engine flags in ``args`` give."""
+    from .config import EngineSettings
+
+    given = {name: getattr(args, name) for name in EngineSettings.model_fields}
+    given["scheduling_params"] = dict(given["scheduling_params"])
+    return EngineSettings(**given)
 
 
 def _gpu_request(text: str) -> float | str:
@@ -143,20 +164,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     admin_key = load_or_create_admin_key(data_dir, settings.admin_key)
     settings = settings.model_copy(update={"admin_key": admin_key})
     try:
-        engine_config = EngineConfig(
-            model_dir=str(model_dir), served_model_name=served, dtype=args.dtype,
-            max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-            max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-            max_cpu_loras=args.max_cpu_loras, kv_cache_bytes=int(args.kv_cache_gib * 2**30),
-            scheduling_policy=args.scheduling_policy,
-            default_consumption_rate=args.default_consumption_rate,
-            scheduling_max_running=args.scheduling_max_running,
-            kv_offload_host_bytes=int(args.kv_offload_gib * 2**30),
-            kv_offload_disk_dir=args.kv_offload_disk_dir,
-            scheduling_params=dict(args.scheduling_param),
-            num_gpus=args.num_gpus, tensor_parallel_size=args.tensor_parallel_size,
-            placement_strategy=args.placement_strategy,
-        )
+        engine_config = EngineConfig.of(
+            engine_settings(args), model_dir=str(model_dir), served_model_name=served)
     except ValidationError as e:
         raise SystemExit("lorafleet serve: error: " + "; ".join(
             f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None

