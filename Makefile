@@ -2,7 +2,7 @@
 #   make run    set up .venv, build the demo model, start the server on 127.0.0.1:8000
 #   make test   set up .venv and system services, lint, run the whole test suite
 #   make lint   ruff, mypy and import-linter (.importlinter): what CI checks besides the tests
-#   make test-fast  the tests that start no vLLM engine and need no SmolLM2 model
+#   make test-fast  the unit layer (no vLLM engine, no server): about a minute
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -49,8 +49,10 @@ run: venv
 test: lint system-deps
 	LORAFLEET_DATA_DIR=$(abspath $(DATA_DIR)) $(BIN)/pytest
 
+# The unit layer: pure policy, and the API, quotas, tenancy and adapter residency on the fake
+# engine (tests/support/fakeengine.py); no vLLM engine, no server, no SmolLM2.
 test-fast: venv
-	LORAFLEET_DATA_DIR=$(abspath $(DATA_DIR)) $(BIN)/pytest -m "not slow and not vllm"
+	LORAFLEET_DATA_DIR=$(abspath $(DATA_DIR)) $(BIN)/pytest tests/unit -m "not slow and not vllm"
 
 # mypy finds lorafleet.* through links named like the installed packages (pyproject: [tool.mypy]).
 LINT_TREE := build/lint
