@@ -44,6 +44,8 @@ COPY operator ./operator
 
 # ---- builder-gpu: CUDA vLLM --------------------------------------------------------------
 # The `s3` extra (boto3) in both images: the shared adapter store and s3:// adapter sources.
+# Not the `loadtest` extra (rich, matplotlib): the image serves; its `lorafleet loadtest`
+# says which extra it lacks.
 FROM builder AS builder-gpu
 RUN pip install --upgrade pip \
  && pip install ".[gpu,s3]" \

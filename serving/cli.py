@@ -380,10 +380,26 @@ def build_parser() -> argparse.ArgumentParser:
     for module in ("lorafleet.loadtest.cli", "lorafleet.operator.cli"):
         try:
             mod = __import__(module, fromlist=["register"])
-        except ImportError:
+        except ImportError as e:
+            if module == "lorafleet.loadtest.cli":  # the serving image leaves it out
+                _needs_extra(sub, ("loadtest", "bench"), "loadtest", e)
             continue
         mod.register(sub)
     return parser
+
+
+def _needs_extra(sub: Any, commands: tuple[str, ...], extra: str, why: ImportError) -> None:
+    """Commands whose optional dependencies are missing: they say which extra to install
+    instead of argparse's "invalid choice"."""
+    def refuse(_args: argparse.Namespace) -> int:
+        print(f"error: needs the {extra!r} extra (pip install 'lorafleet[{extra}]'): {why}",
+              file=sys.stderr)
+        return 2
+
+    for name in commands:
+        p = sub.add_parser(name, help=f"(needs the {extra!r} extra)", add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=refuse)
 
 
 def main(argv: list[str] | None = None) -> int:
