@@ -202,10 +202,6 @@ class EngineConfig(EngineSettings):
         served_model_name and any test-only knob)."""
         return cls(**settings.model_dump(), **where)
 
-    def settings(self) -> EngineSettings:
-        """The user-settable part of this config."""
-        return EngineSettings(**self.model_dump(include=set(EngineSettings.model_fields)))
-
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
         return super().model_copy(update=_gib_spelling(update) if update else None, deep=deep)
 
