@@ -591,6 +591,10 @@ def test_example_crs_match_the_crds() -> None:
     {"serving": {"engine": {"gpusPerReplica": -1}}},
     {"serving": {"engine": {"tensorParallelSize": 0}}},
     {"serving": {"engine": {"tensorParallelSize": 2, "gpusPerReplica": 0.5}}},
+    {"serving": {"engine": {"kvCacheGib": 0}}},  # the engine needs a size: 0 is not "auto"
+    {"serving": {"engine": {"placementStrategy": "RANDOM"}}},
+    {"serving": {"engine": {"scheduling": {"maxRunning": 0}}}},
+    {"serving": {"engine": {"maxModelLen": 32}}},
     # One knob for GPUs: the chart derives the pods' GPUs from gpusPerReplica.
     {"serving": {"resources": {"limits": {"nvidia.com/gpu": 1}}}},
     {"rayService": {"ingressReplicas": 0}},
