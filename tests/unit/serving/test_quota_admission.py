@@ -67,6 +67,17 @@ async def until(predicate: Any, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.005)
 
 
+async def one_held(api: httpx.AsyncClient, fake: FakeEngine, quota: dict[str, int],
+                   stream: bool = False) -> tuple[dict[str, str], asyncio.Task[httpx.Response]]:
+    """A tenant with ``quota`` and one request of theirs in flight, held by the engine."""
+    key = await tenant_key(api, quota)
+    fake.hold()
+    held = asyncio.create_task(
+        api.post("/v1/completions", json=completion(stream=stream), headers=key))
+    await until(lambda: fake.in_flight == 1)
+    return key, held
+
+
 def assert_refused(r: httpx.Response) -> None:
     assert r.status_code == 429, r.text
     assert int(r.headers["retry-after"]) >= 1
@@ -77,10 +88,7 @@ def assert_refused(r: httpx.Response) -> None:
 async def test_a_running_request_holds_its_slot_until_it_finishes(
     api: httpx.AsyncClient, fake: FakeEngine
 ) -> None:
-    key = await tenant_key(api, {"max_concurrent": 1})
-    fake.hold()
-    first = asyncio.create_task(api.post("/v1/completions", json=completion(), headers=key))
-    await until(lambda: fake.in_flight == 1)
+    key, first = await one_held(api, fake, {"max_concurrent": 1})
     assert_refused(await api.post("/v1/completions", json=completion(), headers=key))
     assert len(fake.requests) == 1  # the refused request never reached the engine
     fake.release()
@@ -94,11 +102,7 @@ async def test_a_running_request_holds_its_slot_until_it_finishes(
 async def test_a_client_that_goes_away_gives_its_slot_back(
     api: httpx.AsyncClient, fake: FakeEngine
 ) -> None:
-    key = await tenant_key(api, {"max_concurrent": 1})
-    fake.hold()
-    first = asyncio.create_task(
-        api.post("/v1/completions", json=completion(stream=True), headers=key))
-    await until(lambda: fake.in_flight == 1)
+    key, first = await one_held(api, fake, {"max_concurrent": 1}, stream=True)
     first.cancel()  # the client disconnects mid-stream
     with pytest.raises(asyncio.CancelledError):
         await first
