@@ -29,8 +29,8 @@ CHART = REPO / "charts" / "lorafleet"
 FIELDS = EngineSettings.model_fields
 
 # Where each setting lives under `serving.engine` in values.yaml. The rule is the field's name
-# in camelCase; the scheduling group and gpusPerReplica predate this model and keep their names
-# (users' values files use them).
+# in camelCase; the exceptions are the scheduling group and gpusPerReplica, named as users'
+# values files already name them.
 CHART_KEYS: dict[str, str] = {
     "scheduling_policy": "scheduling.policy",
     "default_consumption_rate": "scheduling.defaultConsumptionRate",
