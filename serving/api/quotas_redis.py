@@ -38,7 +38,10 @@ must continue through a registry outage (the registry already serves from its ca
 refusing every request because the counter store is down would turn a Redis blip into a full
 outage. Each fallback decision is counted (``lorafleet_quota_fail_open_total``); the change
 of mode is logged once each way. After a failure Redis is not tried again for
-``retry_after_s`` (2 s), so an outage does not add a connect timeout to every request.
+``retry_after_s`` (2 s), so an outage does not add a connect timeout to every request; then
+one admission probes it (``breaker.py``) while the others keep deciding locally, so a Redis
+whose packets are dropped costs one admission per ``retry_after_s`` a ``timeout_s`` wait, not
+every admission that arrives while the probe waits.
 
 Consistency within one process: ``release`` never waits (it is called from ``finally``
 blocks); its script runs in the background, and the next ``admit`` of the same tenant in
@@ -65,6 +68,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lorafleet.adapters.model import Quota
 
+from .breaker import CircuitBreaker
 from .quotas import Admit, QuotaBook, Refuse, TenantUsage, refusal
 
 __all__ = ["RedisQuotaBook", "RedisQuotaSettings"]
@@ -206,7 +210,8 @@ class RedisQuotaBook:
         # nothing across threads: one event loop owns the book.
         self._held: dict[str, list[str | None]] = {}
         self._pending: dict[str, set[asyncio.Task[None]]] = {}
-        self._down_until = 0.0  # monotonic; while in the future, decide locally
+        # Open (decide locally) from a failure until a probe gets through; one probe at a time.
+        self._breaker = CircuitBreaker(self.settings.retry_after_s, threshold=1)
         self._degraded = False
         self._renewer: asyncio.Task[None] | None = None
 
@@ -226,7 +231,7 @@ class RedisQuotaBook:
         pending = self._pending.get(tenant)
         if pending:  # this process's own releases land first (read your writes)
             await asyncio.gather(*list(pending), return_exceptions=True)
-        if time.monotonic() >= self._down_until:
+        if self._breaker.allow(time.monotonic()):
             lease = secrets.token_hex(8)
             try:
                 reason, retry = await self._admit(
@@ -237,6 +242,9 @@ class RedisQuotaBook:
                           cost_tokens, lease, self.settings.lease_ttl_s])
             except _UNREACHABLE as e:
                 self._went_down(e)
+            except BaseException:
+                self._breaker.abandon()
+                raise
             else:
                 self._came_back()
                 if reason != "admit":
@@ -343,13 +351,14 @@ class RedisQuotaBook:
             log.debug("quota lease renewal did not reach Redis: %s", e)
 
     def _went_down(self, error: Exception) -> None:
-        self._down_until = time.monotonic() + self.settings.retry_after_s
+        self._breaker.failure(time.monotonic())
         if not self._degraded:
             self._degraded = True
             log.warning("quota store unreachable (%s): each ingress enforces tenant quotas on its "
                         "own until Redis answers again", error)
 
     def _came_back(self) -> None:
+        self._breaker.success()
         if self._degraded:
             self._degraded = False
             log.warning("quota store reachable again: tenant quotas are cluster-wide again")

@@ -11,6 +11,21 @@ deleted adapter) takes effect within a second, one by this process at once, and 
 that is briefly unreachable does not fail requests it already knows how to answer: keys,
 model names and model lists seen before the outage keep their last answer until it ends.
 
+Bounds, and why (``TenancySettings``):
+
+- The stale window is ``stale_s`` (a minute) counted from when a key was last read: a key
+  revoked while this process cannot reach the registry stops working at most that long after
+  its last successful read, however long the outage lasts.
+- Keys the registry does not know (or knows revoked) go to a separate, bounded negative cache:
+  a flood of bogus keys evicts only other bogus keys, never a tenant's good key (which would
+  turn the next registry blip into a 503 for that tenant). Model names likewise: names found
+  and names known missing are kept apart, so a tenant asking for 10,000 made-up names does
+  not make the ingress forget another tenant's adapters.
+- Every registry call goes through a circuit breaker (``breaker.py``) and a deadline
+  (``lookup_timeout_s``): a registry whose packets are dropped costs one request at most that
+  deadline, then requests answer from the caches (or a fast 503) for ``retry_after_s`` until
+  one probe gets through. The identity read is shared by the requests that need it at once.
+
 The generation is read as part of the registry's identity (``identity.py``): a registry that
 comes back emptied or rolled back is refused like an unreachable one (what was known keeps
 answering, the rest is a 503 that says the registry was reset), never believed: otherwise
@@ -21,11 +36,16 @@ refusal lasts until an operator accepts the restore (``accept_restore``, the adm
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from lorafleet.adapters.errors import RegistryUnavailable
 from lorafleet.adapters.keys import hash_key, keys_match
@@ -40,9 +60,14 @@ from lorafleet.adapters.registry.identity import (
 )
 
 from ..metrics import ServingMetrics
+from .breaker import CircuitBreaker
 from .errors import AuthenticationFailed, ModelNotFound, ServiceUnavailable
 
 log = logging.getLogger(__name__)
+
+K = TypeVar("K")
+V = TypeVar("V")
+T = TypeVar("T")
 
 NO_KEY = (
     "You didn't provide an API key. You need to provide your API key in an Authorization "
@@ -69,32 +94,133 @@ class Resolved:
     adapter: AdapterRecord | None
 
 
+class TenancySettings(BaseModel):
+    """How long lookups are reused and how the ingress behaves when the registry hangs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    ttl_s: float = Field(default=5.0, gt=0, description="A key or name lookup is reused this long "
+                         "while the registry's generation is unchanged.")
+    stale_s: float = Field(default=60.0, gt=0, description="While the registry is unreachable or "
+                           "refused, a key read at most this long ago keeps its answer: the bound "
+                           "on how long a key revoked during an outage keeps working.")
+    lookup_timeout_s: float = Field(default=1.0, gt=0, description="Deadline of one registry call "
+                                    "made for a request (normally about a millisecond).")
+    retry_after_s: float = Field(default=2.0, ge=0, description="After a registry call failed or "
+                                 "ran out its deadline, answer from the caches (or 503) this long "
+                                 "before one call probes the registry again.")
+    max_keys: int = Field(default=100_000, ge=1, description="Valid keys remembered (least "
+                          "recently used dropped first).")
+    max_unknown_keys: int = Field(default=10_000, ge=1, description="Unknown or revoked keys "
+                                  "remembered, apart from the valid ones.")
+    max_names: int = Field(default=100_000, ge=1, description="Model names remembered (found and "
+                           "missing ones apart, each this many).")
+
+
+class _Bounded(Generic[K, V]):
+    """A dict of at most ``capacity`` entries that drops the least recently used one."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[K, V] = OrderedDict()
+
+    def get(self, key: K) -> V | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def pop(self, key: K) -> None:
+        self._items.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+
+@dataclass(frozen=True)
+class _KeyEntry:
+    read_at: float
+    generation: int
+    tenant: Tenant | None
+
+
+BREAKER_OPEN = "registry calls paused after a failure (circuit breaker open)"
+
+
 class Tenancy:
     def __init__(
         self,
         registry: Registry,
         base_model: str,
         *,
-        ttl: float = 5.0,
+        settings: TenancySettings | None = None,
         clock: Callable[[], float] = time.monotonic,
         metrics: ServingMetrics | None = None,
     ) -> None:
         self.registry = registry
         self.metrics = metrics
         self.base_model = base_model
-        self.ttl = ttl
+        self.settings = settings or TenancySettings()
+        self.ttl = self.settings.ttl_s
         self.clock = clock
-        # Cache of key hash -> tenant; valid while the registry generation is unchanged and
-        # the entry is younger than ttl. Guards nothing shared across threads (one loop).
-        self._keys: dict[str, tuple[float, int, Tenant | None]] = {}
+        # Key hash -> what the registry said, read at a generation; valid keys and unknown
+        # ones apart (module doc). Guards nothing shared across threads (one event loop).
+        self._keys: _Bounded[str, _KeyEntry] = _Bounded(self.settings.max_keys)
+        self._unknown_keys: _Bounded[str, _KeyEntry] = _Bounded(self.settings.max_unknown_keys)
         self._generation: tuple[float, int] | None = None
+        self._identity_read: asyncio.Task[RegistryIdentity] | None = None
+        self._breaker = CircuitBreaker(self.settings.retry_after_s)
         # The highest registry identity this process trusted, and whether it refuses the
         # registry now (reset or rolled back). Updated only from identities read.
         self._trust = RegistryTrust()
         # Last answers read from the registry, used only while it is unreachable (a registry
-        # that is down cannot have changed them). Bounded like the key cache.
-        self._known_models: dict[tuple[str, str], AdapterRecord | None] = {}
-        self._known_visible: dict[str, list[AdapterRecord]] = {}
+        # that is down cannot have changed them). Found and missing names apart.
+        self._known_models: _Bounded[tuple[str, str], AdapterRecord] = _Bounded(
+            self.settings.max_names)
+        self._missing_models: _Bounded[tuple[str, str], bool] = _Bounded(self.settings.max_names)
+        self._known_visible: _Bounded[str, list[AdapterRecord]] = _Bounded(self.settings.max_names)
+
+    async def _call(self, make: Callable[[], Awaitable[T]]) -> T:
+        """One registry call through the breaker, bounded by ``lookup_timeout_s``; raises
+        ``RegistryUnavailable`` at once while the breaker is open."""
+        if not self._breaker.allow(self.clock()):
+            raise RegistryUnavailable(BREAKER_OPEN)
+        try:
+            result = await asyncio.wait_for(make(), self.settings.lookup_timeout_s)
+        except (RegistryUnavailable, TimeoutError) as e:
+            self._breaker.failure(self.clock(), slow=isinstance(e, TimeoutError))
+            if isinstance(e, RegistryUnavailable):
+                raise
+            raise RegistryUnavailable(
+                f"the registry did not answer within {self.settings.lookup_timeout_s:g} s") from e
+        except BaseException:
+            self._breaker.abandon()
+            raise
+        self._breaker.success()
+        return result
+
+    async def _read_identity(self) -> RegistryIdentity:
+        """The registry's identity; concurrent callers share one read while the breaker is
+        closed."""
+        task = self._identity_read
+        if task is not None and not task.done() and not self._breaker.closed:
+            # That read is the breaker's probe of a registry that stopped answering: only
+            # the request that made it waits for it.
+            raise RegistryUnavailable(BREAKER_OPEN)
+        if task is None or task.done():
+            task = asyncio.get_running_loop().create_task(self._call(self.registry.identity))
+            # Retrieved here so that a read nobody awaits any more logs nothing.
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._identity_read = task
+        return await asyncio.shield(task)
 
     def invalidate(self) -> None:
         """Re-read the generation on the next request (called when this process writes).
@@ -113,7 +239,7 @@ class Tenancy:
             if not self._trust.trusted:
                 raise RegistryReset(self._trust)
             return self._generation[1]
-        seen = await self.registry.identity()
+        seen = await self._read_identity()
         self._generation = (now, seen.generation)
         self._set_trust(decide_registry_trust(self._trust, seen))
         if not self._trust.trusted:
@@ -173,11 +299,9 @@ class Tenancy:
         except RegistryUnavailable:
             gen = -1
         now = self.clock()
-        cached = self._keys.get(digest)
-        if cached and (cached[1] == gen or gen == -1) and now - cached[0] < self.ttl * (
-            1 if gen != -1 else 60
-        ):
-            tenant = cached[2]
+        cached = self._keys.get(digest) or self._unknown_keys.get(digest)
+        if cached is not None and self._usable(cached, gen, now):
+            tenant = cached.tenant
         else:
             if reset is not None:  # the registry answers, but its answer cannot be believed
                 raise ServiceUnavailable(RESET_MESSAGE) from reset
@@ -187,39 +311,56 @@ class Tenancy:
                     # to a restarted server): read it again before believing a "no such key"
                     # from a store that may have come back empty.
                     gen = await self._current_generation()
-                record = await self.registry.find_key(digest)
+                record = await self._call(lambda: self.registry.find_key(digest))
                 tenant = None
                 if record is not None and not record.revoked and keys_match(record.key_hash, digest):
-                    tenant = await self.registry.get_tenant(record.tenant)
+                    name = record.tenant
+                    tenant = await self._call(lambda: self.registry.get_tenant(name))
             except RegistryReset as e:
                 raise ServiceUnavailable(RESET_MESSAGE) from e
             except RegistryUnavailable as e:
                 raise ServiceUnavailable("The tenant registry is unavailable; retry shortly.") from e
-            if len(self._keys) > 10_000:
-                self._keys.clear()
-            self._keys[digest] = (now, gen, tenant)
+            entry = _KeyEntry(now, gen, tenant)
+            if tenant is not None:
+                self._keys.put(digest, entry)
+                self._unknown_keys.pop(digest)
+            else:
+                self._unknown_keys.put(digest, entry)
+                self._keys.pop(digest)
         if tenant is None:
             raise AuthenticationFailed(BAD_KEY)
         return tenant
+
+    def _usable(self, entry: _KeyEntry, gen: int, now: float) -> bool:
+        """A cached key answer holds while the generation is unchanged (for ``ttl_s``), and
+        while the registry cannot be read or believed (for ``stale_s`` after it was read)."""
+        age = now - entry.read_at
+        if gen == -1:
+            return age < self.settings.stale_s
+        return entry.generation == gen and age < self.settings.ttl_s
 
     async def resolve(self, tenant: Tenant, model: str) -> Resolved:
         if model == self.base_model:
             return Resolved(model, None)
         key = (tenant.name, model)
+        record: AdapterRecord | None
         try:
             await self._current_generation()
-            record = await self.registry.get_adapter(tenant.name, model)
+            record = await self._call(lambda: self.registry.get_adapter(tenant.name, model))
             if record is None:
-                shared = await self.registry.list_shared_adapters()
+                shared = await self._call(self.registry.list_shared_adapters)
                 record = next((a for a in shared if a.name == model), None)
         except RegistryUnavailable as e:
-            if key not in self._known_models:
+            record = self._known_models.get(key)
+            if record is None and key not in self._missing_models:
                 raise ServiceUnavailable(_unavailable(e)) from e
-            record = self._known_models[key]
         else:
-            if len(self._known_models) > 10_000:
-                self._known_models.clear()
-            self._known_models[key] = record
+            if record is None:
+                self._missing_models.put(key, True)
+                self._known_models.pop(key)
+            else:
+                self._known_models.put(key, record)
+                self._missing_models.pop(key)
         if record is None:
             raise ModelNotFound(model)
         return Resolved(model, record)
@@ -227,20 +368,19 @@ class Tenancy:
     async def visible_adapters(self, tenant: Tenant) -> list[AdapterRecord]:
         try:
             await self._current_generation()
-            own = await self.registry.list_adapters(tenant.name)
-            shared = await self.registry.list_shared_adapters()
+            own = await self._call(lambda: self.registry.list_adapters(tenant.name))
+            shared = await self._call(self.registry.list_shared_adapters)
         except RegistryUnavailable as e:
-            if tenant.name not in self._known_visible:
+            known = self._known_visible.get(tenant.name)
+            if known is None:
                 raise ServiceUnavailable(_unavailable(e)) from e
-            return list(self._known_visible[tenant.name])
+            return list(known)
         names = {a.name for a in own}
         visible = sorted(own, key=lambda a: a.name) + sorted(
             (a for a in shared if a.name not in names and a.tenant != tenant.name),
             key=lambda a: a.name,
         )
-        if len(self._known_visible) > 10_000:
-            self._known_visible.clear()
-        self._known_visible[tenant.name] = visible
+        self._known_visible.put(tenant.name, visible)
         return list(visible)
 
 
