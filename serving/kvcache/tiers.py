@@ -15,17 +15,109 @@ on local disk.
 
 Tiering: ``put`` writes to the host tier; what it evicts spills to the disk tier when one is
 configured, and is dropped otherwise. A missing key is a miss: the caller recomputes.
+
+Hygiene: a tier folder holds other tenants' KV blocks (their prompts, in effect), so it is
+created with mode 0700, and an existing one owned by another user is refused. A crashed engine
+cannot remove its folders, and its restart picks a new engine id: a tier folder named
+``lorafleet-kv-<id>`` records its creator (pid and start time, in ``owner``), and creating one
+removes the siblings whose creator is gone (:func:`sweep_stale_tiers`), so a crash loop does not
+fill ``/dev/shm``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
+import stat
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+TIER_PREFIX = "lorafleet-kv-"
+OWNER_FILE = "owner"
+# A tier folder without an owner file (written before owners were recorded) is removed once it
+# has not changed for this long.
+_OWNERLESS_STALE_S = 3600.0
+
+
+def _process_identity(pid: int) -> str | None:
+    """`"<pid> <start time>"` of a live process, None if it is gone (pids are reused; the
+    start time tells a new process from the one that wrote the owner file)."""
+    try:
+        return f"{pid} {psutil.Process(pid).create_time():.2f}"
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.AccessDenied:  # alive, someone else's
+        return f"{pid} ?"
+
+
+def _owner_alive(owner_text: str) -> bool:
+    pid_text, _, started = owner_text.strip().partition(" ")
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    identity = _process_identity(pid)
+    return identity is not None and (identity.endswith("?") or identity == f"{pid} {started}")
+
+
+def sweep_stale_tiers(parent: Path, *, keep: Path | None = None,
+                      now: float | None = None) -> list[Path]:
+    """Remove this user's ``lorafleet-kv-*`` folders under ``parent`` whose creator has exited.
+
+    Returns what was removed. A folder whose owner file cannot be read is left alone unless it
+    has not changed for an hour (written by a version that recorded no owner).
+    """
+    removed: list[Path] = []
+    now = time.time() if now is None else now
+    try:
+        candidates = [p for p in parent.iterdir() if p.name.startswith(TIER_PREFIX)]
+    except OSError:
+        return removed
+    for path in candidates:
+        try:
+            info = path.lstat()
+            if path == keep or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+                continue
+            owner = path / OWNER_FILE
+            if owner.exists():
+                stale = not _owner_alive(owner.read_text())
+            else:
+                stale = now - info.st_mtime > _OWNERLESS_STALE_S
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        log.info("removed %d KV tier folder(s) left by exited engines under %s", len(removed),
+                 parent)
+    return removed
+
+
+def _private_dir(root: Path) -> bool:
+    """Create ``root`` with mode 0700 (True), or check an existing one is ours and private
+    (False: another process of the same engine created it)."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(mode=0o700)
+        created = True
+    except FileExistsError:
+        created = False
+    info = root.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise PermissionError(f"KV tier folder {root} is not a directory owned by this user")
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(root, 0o700)  # mkdir's mode is masked by the umask; never wider than 0700
+    return created
 
 
 @dataclass
@@ -44,8 +136,16 @@ class FileTier:
         if capacity_bytes < 0:
             raise ValueError("capacity_bytes must be >= 0")
         self.root = Path(root)
+        created = _private_dir(self.root)
+        if self.root.name.startswith(TIER_PREFIX):
+            if created:
+                identity = _process_identity(os.getpid())
+                fd = os.open(self.root / OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(f"{identity}\n")
+            sweep_stale_tiers(self.root.parent, keep=self.root)
         self.claims = self.root / "claims"
-        self.claims.mkdir(parents=True, exist_ok=True)
+        self.claims.mkdir(exist_ok=True)
         self.capacity_bytes = capacity_bytes
         self.spill_to = spill_to
         self._sizes: OrderedDict[str, int] = OrderedDict()
