@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lorafleet.adapters.basemodel import load_base_model_info
 from lorafleet.adapters.cache import AdapterCache
+from lorafleet.adapters.keyfiles import check_admin_key, read_private_file, write_private_file
 from lorafleet.adapters.keys import hash_key
 from lorafleet.adapters.materialize import Materializer
 from lorafleet.adapters.registry import RedisRegistry, Registry, open_registry
@@ -28,16 +29,16 @@ from .metrics import ServingMetrics
 
 
 def load_or_create_admin_key(data_dir: Path, given: str | None) -> str:
-    """The admin key: the one given, else the one in ``data_dir/admin.key``, else a new one."""
+    """The admin key: the one given, else the one in ``data_dir/admin.key``, else a new one
+    (created with mode 0600). Raises ``WeakAdminKey`` for a key under 32 characters."""
     if given:
-        return given
+        return check_admin_key(given)
     path = data_dir / "admin.key"
-    if path.exists():
-        return path.read_text().strip()
-    data_dir.mkdir(parents=True, exist_ok=True)
     key = "lfadmin_" + secrets.token_urlsafe(32)
-    path.write_text(key + "\n")
-    path.chmod(0o600)
+    try:
+        write_private_file(path, key + "\n")
+    except FileExistsError:  # an earlier start (or a concurrent one) made it: use that
+        return check_admin_key(read_private_file(path).strip())
     return key
 
 

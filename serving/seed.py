@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lorafleet.adapters.cache import AdapterCache
 from lorafleet.adapters.ingest import import_adapter
+from lorafleet.adapters.keyfiles import write_private_file
 from lorafleet.adapters.keys import generate_key, hash_key
 from lorafleet.adapters.model import ApiKey, Quota, Tenant
 from lorafleet.adapters.registry import Registry
@@ -66,7 +67,5 @@ async def seed_demo(registry: Registry, intake: AdapterIntake, data_dir: Path) -
                     registry=registry, cache=cache, base=intake.base, limits=limits,
                     work_dir=intake.work_dir, store=intake.store,
                 )
-    path = keys_file(data_dir)
-    path.write_text(json.dumps(keys, indent=2) + "\n")
-    path.chmod(0o600)
+    write_private_file(keys_file(data_dir), json.dumps(keys, indent=2) + "\n", replace=True)
     return keys
