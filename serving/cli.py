@@ -346,6 +346,26 @@ def _admin_parsers(sub: Any) -> None:
     p.add_argument("--no-load", action="store_true", help="Register only; load on first use.")
     p.set_defaults(func=lambda a: _admin_call(a, "POST", f"/admin/v1/tenants/{a.tenant}/adapters", {
         "name": a.name, "source": a.source, "shared": a.shared, "load": not a.no_load}))
+    p = d.add_parser(
+        "check", help="Check an adapter offline, as the server's intake would (no server).",
+        description="Fetch and validate an adapter with the server's own intake code, in a "
+        "worker process within the intake's time and memory bounds (LORAFLEET_INTAKE_*). "
+        "Exit status: 0 valid, 1 refused, 3 the source could not be reached (a retry may "
+        "help), 2 usage error.")
+    p.add_argument("source", help="Path, file://, hf://, http(s):// or s3:// URI.")
+    p.add_argument("--model-dir", required=True,
+                   help="The served base model's directory (only its config.json is read).")
+    p.add_argument("--served-model-name", default=None,
+                   help="The base model's name on the server, which the adapter's "
+                   "base_model_name_or_path must equal (default: the model directory's name).")
+    p.add_argument("--max-rank", type=int, default=None,
+                   help="Largest rank the server accepts (default: the engine's max_lora_rank "
+                   "default).")
+    p.add_argument("--max-bytes", type=int, default=None,
+                   help="Largest adapter the server accepts, in bytes (default: the server's "
+                   "adapter_max_bytes default).")
+    p.add_argument("--json", action="store_true", help="Print the verdict as one JSON object.")
+    p.set_defaults(func=cmd_adapter_check)
     p = d.add_parser("list", parents=[common], help="List a tenant's adapters.")
     p.add_argument("tenant")
     p.set_defaults(func=lambda a: _admin_call(a, "GET", f"/admin/v1/tenants/{a.tenant}/adapters"))
@@ -364,6 +384,63 @@ def _admin_parsers(sub: Any) -> None:
                      help="Accept the registry as it is now (restored from a backup, or emptied "
                      "on purpose); every ingress stops refusing it.")
     p.set_defaults(func=lambda a: _admin_call(a, "POST", "/admin/v1/registry/accept-restore"))
+
+
+CHECK_VALID, CHECK_REFUSED, CHECK_UNREACHABLE = 0, 1, 3
+
+
+def cmd_adapter_check(args: argparse.Namespace) -> int:
+    """Judge one adapter as intake would: same worker, same code, same bounds, no server."""
+    import shutil
+    import tempfile
+
+    from lorafleet.adapters.basemodel import load_base_model_info
+    from lorafleet.adapters.errors import AdapterFetchError, AdapterValidationError
+    from lorafleet.adapters.sandbox import IntakeSettings, check_adapter
+    from lorafleet.adapters.validation import ValidationLimits
+
+    from .config import EngineSettings, ServeSettings
+
+    model_dir = Path(args.model_dir).expanduser().resolve()
+    served = args.served_model_name or model_dir.name
+    try:
+        base = load_base_model_info(model_dir, served)
+        settings = IntakeSettings()  # LORAFLEET_INTAKE_*, as the server reads them
+    except (OSError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    limits = ValidationLimits(
+        max_rank=args.max_rank or EngineSettings.model_fields["max_lora_rank"].default,
+        max_bytes=args.max_bytes or ServeSettings.model_fields["adapter_max_bytes"].default)
+    verdict: dict[str, Any]
+    scratch = Path(tempfile.mkdtemp(prefix="lorafleet-check-"))
+    try:
+        _, manifest = check_adapter(args.source, scratch / "fetched", base=base, limits=limits,
+                                    settings=settings)
+        verdict = {"verdict": "valid", "rank": manifest.rank, "alpha": manifest.alpha,
+                   "target_modules": list(manifest.target_modules),
+                   "size_bytes": manifest.size_bytes, "digest": manifest.digest}
+        status = CHECK_VALID
+    except AdapterValidationError as e:
+        verdict, status = {"verdict": "refused", "code": e.code, "reason": e.reason}, CHECK_REFUSED
+    except AdapterFetchError as e:
+        verdict = {"verdict": "refused", "code": "fetch_failed", "reason": e.reason,
+                   "transient": e.transient}
+        status = CHECK_UNREACHABLE if e.transient else CHECK_REFUSED
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if args.json:
+        print(json.dumps(verdict))
+    elif status == CHECK_VALID:
+        print(f"valid: rank {verdict['rank']}, alpha {verdict['alpha']:g}, targets "
+              f"{', '.join(verdict['target_modules'])}, {verdict['size_bytes']} bytes, "
+              f"{verdict['digest']}")
+    elif status == CHECK_UNREACHABLE:
+        print(f"not checked, the source could not be fetched (a retry may help): "
+              f"{verdict['reason']}")
+    else:
+        print(f"refused ({verdict['code']}): {verdict['reason']}")
+    return status
 
 
 def build_parser() -> argparse.ArgumentParser:
