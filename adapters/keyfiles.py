@@ -29,12 +29,16 @@ class WeakAdminKey(ValueError):
     """An admin key too short to resist guessing."""
 
 
-def check_admin_key(key: str) -> str:
-    """Return `key` if it is strong enough to be the admin credential, else raise."""
+def check_admin_key(key: str, source: str = "the admin key",
+                    remedy: str = "leave it unset to have one generated") -> str:
+    """Return `key` if it is strong enough to be the admin credential, else raise.
+
+    `source` names where the key came from and `remedy` what to do, for the one-line error
+    the operator of the server reads (the key itself is never quoted)."""
     if len(key) < MIN_ADMIN_KEY_CHARS:
         raise WeakAdminKey(
-            f"the admin key has {len(key)} characters; at least {MIN_ADMIN_KEY_CHARS} are "
-            "required (leave it unset to have one generated)")
+            f"{source} has {len(key)} characters; at least {MIN_ADMIN_KEY_CHARS} are "
+            f"required ({remedy})")
     return key
 
 

@@ -23,6 +23,7 @@ from .api.prompts import PromptRenderer
 from .api.quotas import QuotaBook, Quotas
 from .api.quotas_redis import RedisQuotaBook
 from .api.services import AdapterIntake, ApiServices
+from .api.tenancy import TenancySettings
 from .config import AdapterFilesConfig, EngineConfig
 from .engine.client import EngineClient
 from .metrics import ServingMetrics
@@ -32,13 +33,15 @@ def load_or_create_admin_key(data_dir: Path, given: str | None) -> str:
     """The admin key: the one given, else the one in ``data_dir/admin.key``, else a new one
     (created with mode 0600). Raises ``WeakAdminKey`` for a key under 32 characters."""
     if given:
-        return check_admin_key(given)
+        return check_admin_key(given, "the admin key given (--admin-key or LORAFLEET_ADMIN_KEY)",
+                               "leave it unset to have one generated")
     path = data_dir / "admin.key"
     key = "lfadmin_" + secrets.token_urlsafe(32)
     try:
         write_private_file(path, key + "\n")
     except FileExistsError:  # an earlier start (or a concurrent one) made it: use that
-        return check_admin_key(read_private_file(path).strip())
+        return check_admin_key(read_private_file(path).strip(), f"the admin key in {path}",
+                               "remove the file to have a new one generated")
     return key
 
 
@@ -104,6 +107,7 @@ def make_services(
     public_metrics: bool = False,
     adapter_store: str | None = None,
     adapter_secrets_dir: Path | None = None,
+    tenancy: TenancySettings | None = None,
 ) -> ApiServices:
     intake = make_intake(
         engine_config, data_dir, max_bytes=adapter_max_bytes, cache_bytes=adapter_cache_bytes,
@@ -123,4 +127,5 @@ def make_services(
         max_body_bytes=max_body_bytes,
         metrics_key_hash=hash_key(metrics_key) if metrics_key else None,
         public_metrics=public_metrics,
+        tenancy_settings=tenancy or TenancySettings(),
     )

@@ -152,6 +152,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.model_dir is None and not demo:
         print("error: --no-demo needs --model-dir", file=sys.stderr)
         return 2
+    from lorafleet.adapters.keyfiles import WeakAdminKey
+
+    try:  # before anything slow: a weak key must fail in a second, not after the model build
+        admin_key = load_or_create_admin_key(data_dir, settings.admin_key)
+    except (WeakAdminKey, PermissionError) as e:
+        raise SystemExit(f"lorafleet serve: error: {e}") from None
+    settings = settings.model_copy(update={"admin_key": admin_key})
     if demo and args.model_dir is None:
         from .demo import DEMO_MODEL_NAME
         from .demo.basemodel import prepare_base_model
@@ -161,8 +168,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         model_dir = Path(args.model_dir).resolve()
         served = args.served_model_name or model_dir.name
-    admin_key = load_or_create_admin_key(data_dir, settings.admin_key)
-    settings = settings.model_copy(update={"admin_key": admin_key})
     try:
         engine_config = EngineConfig.of(
             engine_settings(args), model_dir=str(model_dir), served_model_name=served)

@@ -137,7 +137,7 @@ def run_system(
             ready_s = time.monotonic() - t0
             phases = _run_phases(system, sc, target, {TENANT: None}, out_dir, console)
     elif system.startswith("lorafleet"):
-        admin_key = "bench-" + secrets.token_hex(8)
+        admin_key = "bench-" + secrets.token_hex(16)  # servers refuse admin keys under 32 characters
         opts = servers.LoRAFleetOptions(
             **knobs, data_dir=out_dir / f"{system}-data", admin_key=admin_key,
             scheduling_policy="tokenflow" if system == "lorafleet-tokenflow" else "fcfs",

@@ -23,7 +23,7 @@ from ..metrics import ServingMetrics
 from .errors import AuthenticationFailed
 from .prompts import PromptRenderer
 from .quotas import QuotaBook, Quotas
-from .tenancy import Tenancy, bearer_token
+from .tenancy import Tenancy, TenancySettings, bearer_token
 
 
 @dataclass(frozen=True)
@@ -61,11 +61,13 @@ class ApiServices:
     public_metrics: bool = False
     # The HTTP proxy stamps each request's arrival (``arrival.py``); only then is it read.
     trust_arrival_stamp: bool = False
+    # Key and name caches, the stale window and the registry deadline and breaker.
+    tenancy_settings: TenancySettings = field(default_factory=TenancySettings)
     tenancy: Tenancy = field(init=False)
 
     def __post_init__(self) -> None:
         self.tenancy = Tenancy(self.registry, self.served_model_name, clock=self.clock,
-                               metrics=self.metrics)
+                               metrics=self.metrics, settings=self.tenancy_settings)
 
     def check_admin(self, authorization: str | None) -> None:
         token = bearer_token(authorization)
