@@ -223,10 +223,26 @@ Environment of every serving container: the Deployment's, the Ray head's and the
 - The shared adapter store. Its credentials are the pods' ambient AWS identity
   (adapters/store.py), hence AWS_* variables from serving.adapterStore.existingSecret: every
   node that may fetch (engine replicas on workers) or import (an Ingress anywhere) needs them.
+- Adapter intake bounds (IntakeSettings reads LORAFLEET_INTAKE_*): an Ingress anywhere may
+  import. Integers go through int64, or Helm would print a large one as 5.36870912e+08.
 */}}
 {{- define "lorafleet.servingEnv" -}}
 - name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
   value: lorafleet.serving.api.arrival:proxy_middlewares
+{{- with .Values.serving.intake }}
+- name: LORAFLEET_INTAKE_ALLOW_NETWORKS
+  value: {{ .allowNetworks | default list | toJson | quote }}
+- name: LORAFLEET_INTAKE_FETCH_TIMEOUT_S
+  value: {{ .fetchTimeoutS | toString | quote }}
+- name: LORAFLEET_INTAKE_FETCH_DEADLINE_S
+  value: {{ .fetchDeadlineS | toString | quote }}
+- name: LORAFLEET_INTAKE_DEADLINE_S
+  value: {{ .deadlineS | toString | quote }}
+- name: LORAFLEET_INTAKE_MEMORY_BYTES
+  value: {{ .memoryBytes | int64 | toString | quote }}
+- name: LORAFLEET_INTAKE_MAX_CONCURRENT
+  value: {{ .maxConcurrent | int64 | toString | quote }}
+{{- end }}
 - name: LORAFLEET_ADAPTER_SECRETS_DIR
   value: {{ include "lorafleet.adapterSecretsDir" . }}
 {{- with .Values.serving.adapterStore }}
