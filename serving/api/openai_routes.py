@@ -1,9 +1,18 @@
 """OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions.
 
-Boundary: HTTP in, engine calls out. Order of checks, as OpenAI does it: authenticate,
-parse and validate the body, resolve the model inside the caller's tenant, render and
-length-check the prompt, admit against the tenant's quota, then generate. Streaming
-answers are Server-Sent Events ending with ``data: [DONE]``.
+Boundary: HTTP in, engine calls out. Order of checks: authenticate, parse and validate the
+body, resolve the model inside the caller's tenant, apply the request policy
+(``request_policy``), then the checks that need no tokenizer (a prompt whose token floor
+fills the context; a refusal the tenant's last rate refusal makes certain), then render and
+length-check the prompt off the event loop, admit against the tenant's quota (one
+concurrency slot per sequence), then generate. Streaming answers are Server-Sent Events
+ending with ``data: [DONE]``.
+
+A quota slot, once admitted, is released exactly once whatever happens next: the request's
+``Generation`` owns it, the non-streaming path closes it in ``finally``, and a streaming
+response closes it when the ASGI call ends, whether or not its body generator ever started
+(a client gone before the first byte never starts it, and a never-started async generator
+runs no ``finally``).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.types import Receive, Scope, Send
 
 from ..engine.errors import AdapterLoadError, EngineError, public_message
 from ..engine.protocol import AdapterRef, GenerateRequest, SamplingOptions, TokenDelta
@@ -31,7 +41,8 @@ from .errors import (
 )
 from .metering import RequestMeter
 from .prompts import RenderedPrompt
-from .quotas import Refuse, retry_after_header
+from .quotas import RefusalMemo, Refuse, retry_after_header
+from .request_policy import RequestPolicy, check_ignore_eos, tenant_cache_salt
 from .schemas import ChatCompletionRequest, CompletionRequest, Model, ModelList
 from .services import ApiServices
 from .tenancy import Resolved
@@ -128,6 +139,8 @@ def parse_body(model: type[_M], data: Any) -> _M:
             raise InvalidRequest(
                 f"Unrecognized request argument supplied: {param}", param=param
             ) from e
+        if param is None:  # a rule over several fields
+            raise InvalidRequest(f"Invalid request: {first.get('msg')}") from e
         raise InvalidRequest(f"Invalid value for '{param}': {first.get('msg')}", param=param) from e
 
 
@@ -173,7 +186,11 @@ async def merge_choices(
 
 
 class Generation:
-    """One admitted request: its engine requests, its meter, its quota slot."""
+    """One admitted request: its engine requests, its meter, its quota slots.
+
+    Built only after the quota book admitted ``sequences`` slots and charged ``charged``
+    tokens; ``close`` gives the slots back and refunds what was not used, exactly once.
+    """
 
     def __init__(
         self,
@@ -184,6 +201,7 @@ class Generation:
         prompts: list[RenderedPrompt],
         body: ChatCompletionRequest | CompletionRequest,
         arrival: float,
+        charged: int,
     ) -> None:
         self.services = services
         self.tenant = tenant_name
@@ -191,6 +209,7 @@ class Generation:
         self.resolved = resolved
         self.prompts = prompts
         self.body = body
+        self.sequences = len(prompts) * body.n
         self.id = uuid.uuid4().hex
         self.created = int(services.wall_clock())
         adapter = resolved.adapter
@@ -199,9 +218,10 @@ class Generation:
         )
         self.meter = RequestMeter(services.metrics, tenant_name, label, arrival)
         self.meter.prompt_tokens = sum(len(p.token_ids) for p in prompts)
-        self.reserved_tokens = sum(p.max_tokens for p in prompts) * body.n
+        # What may come back at the end: the charge less the prompts (spent at admission).
+        self.reserved_tokens = max(0, charged - self.meter.prompt_tokens)
         ref = AdapterRef.of(adapter) if adapter else None
-        priority = body.lorafleet.priority if body.lorafleet else 0
+        salt = tenant_cache_salt(tenant_name)
         self.engine_requests = []
         for p_index, prompt in enumerate(prompts):
             for i in range(body.n):
@@ -221,7 +241,7 @@ class Generation:
                             frequency_penalty=body.frequency_penalty,
                         ),
                         adapter=ref,
-                        priority=priority,
+                        cache_salt=salt,
                         streaming=bool(body.stream),
                         consumption_rate=body.lorafleet.consumption_rate if body.lorafleet else None,
                     )
@@ -255,7 +275,24 @@ class Generation:
         self.meter.finish(status, self.services.clock())
         self.services.metrics.in_flight.labels(self.tenant).dec()
         refund = max(0, self.reserved_tokens - self.meter.completion_tokens)
-        self.services.quotas.release(self.tenant, self.quota, refund)
+        self.services.quotas.release(self.tenant, self.quota, refund, self.sequences)
+
+
+class GenerationStream(StreamingResponse):
+    """An SSE response that closes its ``Generation`` when the ASGI call ends, however it
+    ends: a client that disconnects before the body starts cancels the call with the body
+    generator never entered, so the generator's own ``finally`` cannot be relied on."""
+
+    def __init__(self, gen: Generation, body: AsyncIterator[bytes]) -> None:
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.gen = gen
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.gen.close(499)  # a no-op when the stream already closed it with its status
 
 
 async def _admit(
@@ -273,14 +310,12 @@ async def _admit(
     return tenant, body, resolved, arrival - queued
 
 
-async def _check_quota(services: ApiServices, tenant: Any, cost: int, label: str) -> None:
-    decision = await services.quotas.admit(tenant.name, tenant.quota, cost, services.clock())
-    if isinstance(decision, Refuse):
-        services.metrics.rate_limited.labels(tenant.name, decision.reason).inc()
-        services.metrics.requests.labels(tenant.name, label, "429").inc()
-        raise RateLimited(
-            decision.message, headers={"Retry-After": retry_after_header(decision.retry_after)}
-        )
+def _refused(services: ApiServices, tenant: Any, label: str, decision: Refuse) -> RateLimited:
+    services.metrics.rate_limited.labels(tenant.name, decision.reason).inc()
+    services.metrics.requests.labels(tenant.name, label, "429").inc()
+    return RateLimited(
+        decision.message, headers={"Retry-After": retry_after_header(decision.retry_after)}
+    )
 
 
 async def _watch_disconnect(request: Request, task: asyncio.Task[Any]) -> None:
@@ -291,8 +326,34 @@ async def _watch_disconnect(request: Request, task: asyncio.Task[Any]) -> None:
         await asyncio.sleep(0.25)
 
 
-def build_openai_router(services: ApiServices) -> APIRouter:
+class _TokenizeGate:
+    """At most ``per_tenant`` prompts of one tenant are tokenized at once in this process:
+    tokenizing runs in worker threads, and one tenant's flood must not occupy all of them."""
+
+    def __init__(self, per_tenant: int = 2) -> None:
+        self.per_tenant = per_tenant
+        self._gates: dict[str, tuple[asyncio.Semaphore, int]] = {}
+
+    async def run(self, tenant: str, fn: Any, *args: Any) -> Any:
+        sem, users = self._gates.get(tenant, (asyncio.Semaphore(self.per_tenant), 0))
+        self._gates[tenant] = (sem, users + 1)
+        try:
+            async with sem:
+                return await asyncio.to_thread(fn, *args)
+        finally:
+            sem, users = self._gates[tenant]
+            if users == 1:
+                del self._gates[tenant]
+            else:
+                self._gates[tenant] = (sem, users - 1)
+
+
+def build_openai_router(services: ApiServices, policy: RequestPolicy | None = None) -> APIRouter:
     router = APIRouter(prefix="/v1")
+    policy = policy or RequestPolicy()
+    memo = RefusalMemo()
+    gate = _TokenizeGate()
+    max_len = services.renderer.max_model_len
 
     @router.get("/models", response_model=ModelList)
     async def list_models(request: Request) -> ModelList:
@@ -326,54 +387,86 @@ def build_openai_router(services: ApiServices) -> APIRouter:
             parent=services.served_model_name,
         )
 
+    def cost_floor(floors: list[int], body: ChatCompletionRequest | CompletionRequest) -> int:
+        """A lower bound of the tokens the request will be charged, before tokenizing."""
+        out = body.output_limit()
+        if out is None:  # prompt + (context - prompt) * n, least when the prompt fills it
+            return sum(max_len - 1 + body.n for _ in floors)
+        return sum(f + out * body.n for f in floors)
+
     async def _run(
         request: Request,
         body: ChatCompletionRequest | CompletionRequest,
         tenant: Any,
         resolved: Resolved,
         arrival: float,
-        prompts: list[RenderedPrompt],
+        floors: list[int],
+        render: Any,
         kind: str,
     ) -> Any:
         label = services.metrics.adapter_label(
             f"{resolved.adapter.tenant}/{resolved.adapter.name}" if resolved.adapter else None
         )
+        check_ignore_eos(policy, tenant.name, body.ignore_eos)
+        param = "messages" if kind == "chat" else "prompt"
+        for f in floors:
+            services.renderer.check_floor(f, param)
+        early = memo.early(tenant.name, tenant.quota, cost_floor(floors, body), services.clock())
+        if early is not None:
+            raise _refused(services, tenant, label, early)
+        prompts: list[RenderedPrompt] = await gate.run(tenant.name, render)
         cost = sum(len(p.token_ids) + p.max_tokens * body.n for p in prompts)
-        await _check_quota(services, tenant, cost, label)
-        gen = Generation(services, tenant.name, tenant.quota, resolved, prompts, body, arrival)
+        sequences = len(prompts) * body.n
+        now = services.clock()
+        decision = await services.quotas.admit(tenant.name, tenant.quota, cost, now, sequences)
+        memo.note(tenant.name, tenant.quota, cost, decision, now)
+        if isinstance(decision, Refuse):
+            raise _refused(services, tenant, label, decision)
+        try:
+            gen = Generation(services, tenant.name, tenant.quota, resolved, prompts, body, arrival,
+                             cost)
+        except BaseException:
+            services.quotas.release(tenant.name, tenant.quota, cost, sequences)
+            raise
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                _stream(gen, kind, include_usage),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
+            return GenerationStream(gen, _stream(gen, kind, include_usage))
         task = asyncio.create_task(_collect(gen))
         watcher = asyncio.create_task(_watch_disconnect(request, task))
+        status = 499
         try:
             texts, reasons = await task
-        except asyncio.CancelledError:
-            gen.close(499)
-            raise
+            status = 200
         except APIError as e:
-            gen.close(e.status)
+            status = e.status
             raise
         finally:
             watcher.cancel()
-        gen.close(200)
+            gen.close(status)
         return JSONResponse(_final_body(gen, kind, texts, reasons))
 
     @router.post("/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
     async def chat(request: Request) -> Any:
         tenant, body, resolved, arrival = await _admit(services, request, ChatCompletionRequest)
-        prompt = services.renderer.chat(body.messages, body.output_limit())
-        return await _run(request, body, tenant, resolved, arrival, [prompt], "chat")
+        text_bytes = sum(len(m.text().encode()) for m in body.messages)
+        floors = [services.renderer.token_floor(text_bytes)]
+
+        def render() -> list[RenderedPrompt]:
+            return [services.renderer.chat(body.messages, body.output_limit())]
+
+        return await _run(request, body, tenant, resolved, arrival, floors, render, "chat")
 
     @router.post("/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request) -> Any:
         tenant, body, resolved, arrival = await _admit(services, request, CompletionRequest)
-        prompts = [services.renderer.completion(p, body.output_limit()) for p in body.prompts()]
-        return await _run(request, body, tenant, resolved, arrival, prompts, "text")
+        raw = body.prompts()
+        floors = [len(p) if isinstance(p, list) else services.renderer.token_floor(len(p.encode()))
+                  for p in raw]
+
+        def render() -> list[RenderedPrompt]:
+            return [services.renderer.completion(p, body.output_limit()) for p in raw]
+
+        return await _run(request, body, tenant, resolved, arrival, floors, render, "text")
 
     return router
 

@@ -2,15 +2,25 @@
 
 Boundary: owns the tokenizer (loaded once from the model directory). The engine receives
 token ids only, so the context-length check happens here, before anything is queued.
+
+Tokenizing costs CPU in proportion to the text (up to the body limit, a megabyte), so the
+routes first ask ``token_floor`` for a lower bound that needs no tokenizer: no token is
+longer than the longest vocabulary entry (in UTF-8 bytes), and normalisation shrinks text
+by at most ``_NORMALISATION_SHRINK``. A prompt whose floor already exceeds the context is
+refused without being tokenized; the rest are tokenized off the event loop.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from .errors import ContextLengthExceeded, InvalidRequest
 from .schemas import ChatMessage
+
+# NFKC can turn a 3-byte character into a 1-byte one; 4 leaves room for any normaliser.
+_NORMALISATION_SHRINK = 4
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,25 @@ class PromptRenderer:
 
     def vocab_size(self) -> int:
         return len(self.tokenizer)
+
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """Bytes of text one token can stand for at most (its vocabulary entry, in UTF-8)."""
+        vocab = self.tokenizer.get_vocab()
+        return max(1, max((len(t.encode("utf-8", "replace")) for t in vocab), default=1))
+
+    def token_floor(self, text_bytes: int) -> int:
+        """At least this many tokens encode ``text_bytes`` bytes of text."""
+        return text_bytes // (self.max_token_bytes * _NORMALISATION_SHRINK)
+
+    def check_floor(self, floor: int, param: str) -> None:
+        """Refuse, without tokenizing, a prompt whose token floor fills the context."""
+        if floor >= self.max_model_len:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"your prompt has at least {floor} tokens. Please reduce the length of the prompt.",
+                param=param,
+            )
 
     def chat(self, messages: list[ChatMessage], max_tokens: int | None) -> RenderedPrompt:
         conversation = [

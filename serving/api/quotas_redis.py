@@ -90,13 +90,16 @@ local function fmt(x) return string.format('%.17g', x) end
 """
 
 # KEYS: leases, rpm, tpm. ARGV: now|'', max_concurrent|-1, rpm|-1, tpm|-1, cost, lease id,
-# lease ttl (s). Returns {reason, retry_after}; reason 'admit' when admitted.
+# lease ttl (s), sequences. Returns {reason, retry_after}; reason 'admit' when admitted.
+# A request of k sequences holds k lease members, '<lease id>.1' .. '<lease id>.k'.
 _ADMIT = _PRELUDE + """
 local maxc, rpm, tpm = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local cost, lease, ttl = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
+local k = tonumber(ARGV[8])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if maxc >= 0 and redis.call('ZCARD', KEYS[1]) >= maxc then
-  return {'concurrency', '1'}
+if maxc >= 0 then
+  if k > maxc then return {'sequences', '60'} end
+  if redis.call('ZCARD', KEYS[1]) + k > maxc then return {'concurrency', '1'} end
 end
 local function level(key, cap)
   local v = redis.call('HMGET', key, 'level', 'updated')
@@ -127,15 +130,19 @@ if t then
   redis.call('HSET', KEYS[3], 'level', fmt(t - cost), 'updated', fmt(now))
   redis.call('EXPIRE', KEYS[3], 61)
 end
-redis.call('ZADD', KEYS[1], now + ttl, lease)
+for i = 1, k do
+  redis.call('ZADD', KEYS[1], now + ttl, lease .. '.' .. i)
+end
 redis.call('EXPIRE', KEYS[1], math.ceil(ttl) + 1)
 return {'admit', '0'}
 """
 
-# KEYS: leases, tpm. ARGV: now|'' (unused), lease id, tpm|-1, refund. Frees the slot; gives
-# back unused tokens to a bucket that still exists (an expired one is full already).
+# KEYS: leases, tpm. ARGV: now|'' (unused), lease id, tpm|-1, refund, sequences. Frees the
+# slots; gives back unused tokens to a bucket that still exists (an expired one is full).
 _RELEASE = _PRELUDE + """
-redis.call('ZREM', KEYS[1], ARGV[2])
+for i = 1, tonumber(ARGV[5]) do
+  redis.call('ZREM', KEYS[1], ARGV[2] .. '.' .. i)
+end
 local tpm, refund = tonumber(ARGV[3]), tonumber(ARGV[4])
 if tpm >= 0 and refund > 0 then
   local l = tonumber(redis.call('HGET', KEYS[2], 'level'))
@@ -206,9 +213,9 @@ class RedisQuotaBook:
         self._release = self._redis.register_script(_RELEASE)
         self._renew = self._redis.register_script(_RENEW)
         self.local = QuotaBook()
-        # Leases this process holds per tenant (None: admitted by the local fallback). Guards
-        # nothing across threads: one event loop owns the book.
-        self._held: dict[str, list[str | None]] = {}
+        # Leases this process holds per tenant with their sequence counts (lease None: admitted
+        # by the local fallback). Guards nothing across threads: one event loop owns the book.
+        self._held: dict[str, list[tuple[str | None, int]]] = {}
         self._pending: dict[str, set[asyncio.Task[None]]] = {}
         # Open (decide locally) from a failure until a probe gets through; one probe at a time.
         self._breaker = CircuitBreaker(self.settings.retry_after_s, threshold=1)
@@ -225,7 +232,8 @@ class RedisQuotaBook:
 
     # --- the Quotas protocol ---
 
-    async def admit(self, tenant: str, quota: Quota, cost_tokens: int, now: float) -> Admit | Refuse:
+    async def admit(self, tenant: str, quota: Quota, cost_tokens: int, now: float,
+                    sequences: int = 1) -> Admit | Refuse:
         """Charge and admit through Redis; fall back to the local book when it is unreachable.
         ``now`` is ignored: Redis's clock (or the injected one) is the only one used."""
         pending = self._pending.get(tenant)
@@ -239,7 +247,7 @@ class RedisQuotaBook:
                           self._key(tenant, "tpm")],
                     args=[self._now_arg(), _limit(quota.max_concurrent),
                           _limit(quota.requests_per_minute), _limit(quota.tokens_per_minute),
-                          cost_tokens, lease, self.settings.lease_ttl_s])
+                          cost_tokens, lease, self.settings.lease_ttl_s, sequences])
             except _UNREACHABLE as e:
                 self._went_down(e)
             except BaseException:
@@ -248,27 +256,31 @@ class RedisQuotaBook:
             else:
                 self._came_back()
                 if reason != "admit":
-                    return refusal(reason, quota, cost_tokens, float(retry))
-                self._held.setdefault(tenant, []).append(lease)
+                    return refusal(reason, quota, cost_tokens, float(retry), sequences)
+                self._held.setdefault(tenant, []).append((lease, sequences))
                 self._start_renewer()
-                return Admit(TenantUsage(len(self._held[tenant])))
+                return Admit(TenantUsage(self.held(tenant)))
         if self._on_fail_open is not None:
             self._on_fail_open()
-        decision = self.local.admit_now(tenant, quota, cost_tokens, now)
+        decision = self.local.admit_now(tenant, quota, cost_tokens, now, sequences)
         if isinstance(decision, Admit):
-            self._held.setdefault(tenant, []).append(None)
+            self._held.setdefault(tenant, []).append((None, sequences))
         return decision
 
-    def release(self, tenant: str, quota: Quota, refund_tokens: int) -> None:
+    def release(self, tenant: str, quota: Quota, refund_tokens: int, sequences: int = 1) -> None:
         held = self._held.get(tenant)
-        lease = held.pop() if held else None
+        lease: str | None = None
+        if held:
+            # Any of this process's leases of the tenant with the same sequence count will do.
+            at = next((i for i in range(len(held) - 1, -1, -1) if held[i][1] == sequences), -1)
+            lease, sequences = held.pop(at)
         if held is not None and not held:
             del self._held[tenant]
         if lease is None:
-            self.local.release(tenant, quota, refund_tokens)
+            self.local.release(tenant, quota, refund_tokens, sequences)
             return
         task = asyncio.get_running_loop().create_task(
-            self._release_remote(tenant, lease, quota, refund_tokens))
+            self._release_remote(tenant, lease, quota, refund_tokens, sequences))
         self._pending.setdefault(tenant, set()).add(task)
         task.add_done_callback(lambda t: self._forget(tenant, t))
 
@@ -290,7 +302,7 @@ class RedisQuotaBook:
 
     def held(self, tenant: str) -> int:
         """Slots this process holds for ``tenant`` (Redis leases and local fallbacks)."""
-        return len(self._held.get(tenant, ()))
+        return sum(k for _, k in self._held.get(tenant, ()))
 
     @property
     def degraded(self) -> bool:
@@ -315,11 +327,13 @@ class RedisQuotaBook:
             if not tasks:
                 del self._pending[tenant]
 
-    async def _release_remote(self, tenant: str, lease: str, quota: Quota, refund: int) -> None:
+    async def _release_remote(self, tenant: str, lease: str, quota: Quota, refund: int,
+                              sequences: int) -> None:
         try:
             await self._release(
                 keys=[self._key(tenant, "leases"), self._key(tenant, "tpm")],
-                args=[self._now_arg(), lease, _limit(quota.tokens_per_minute), max(0, refund)])
+                args=[self._now_arg(), lease, _limit(quota.tokens_per_minute), max(0, refund),
+                      sequences])
         except _UNREACHABLE as e:
             # The lease expires by itself within lease_ttl_s; the refund is lost (the tenant
             # was charged its output limit, never more).
@@ -336,7 +350,8 @@ class RedisQuotaBook:
 
     async def renew(self) -> None:
         """Push back the expiry of every lease this process holds (one round trip)."""
-        owned = {t: [x for x in held if x is not None] for t, held in self._held.items()}
+        owned = {t: [f"{lease}.{i}" for lease, k in held if lease is not None
+                     for i in range(1, k + 1)] for t, held in self._held.items()}
         owned = {t: ids for t, ids in owned.items() if ids}
         if not owned:
             return

@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 MAX_N = 8
 MAX_STOP = 4
+MAX_PROMPTS = 64
+# Sequences one request may run (n x prompts): each is a row of the engine's batch.
+MAX_SEQUENCES = 64
 
 
 class StreamOptions(BaseModel):
@@ -21,13 +24,17 @@ class StreamOptions(BaseModel):
 
 
 class LoRAFleetOptions(BaseModel):
-    """LoRAFleet's extension fields (``extra_body={"lorafleet": {...}}`` in the SDK)."""
+    """LoRAFleet's extension fields (``extra_body={"lorafleet": {...}}`` in the SDK).
+
+    There is no client-chosen priority: a priority every tenant may set for itself only
+    orders tenants by how greedy they are, and neither vLLM's FCFS queue nor TokenFlow
+    would honour it.
+    """
 
     model_config = ConfigDict(extra="forbid")
     consumption_rate: float | None = Field(
         default=None, gt=0, le=10_000, description="Tokens/s at which the client reads the stream."
     )
-    priority: int = Field(default=0, ge=-100, le=100, description="Lower runs first.")
 
 
 class _SamplingFields(BaseModel):
@@ -109,9 +116,15 @@ class CompletionRequest(_SamplingFields):
         if isinstance(v, list):
             if not v:
                 raise ValueError("prompt must not be empty")
-            if len(v) > 64:
-                raise ValueError("at most 64 prompts in one request")
+            if len(v) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts in one request")
         return v
+
+    @model_validator(mode="after")
+    def _sequences(self) -> CompletionRequest:
+        if self.n * len(self.prompts()) > MAX_SEQUENCES:
+            raise ValueError(f"n x prompts must be at most {MAX_SEQUENCES}")
+        return self
 
     @field_validator("echo")
     @classmethod

@@ -68,7 +68,8 @@ class GenerateRequest:
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingOptions
     adapter: AdapterRef | None = None
-    priority: int = 0
+    cache_salt: str | None = None
+    """Prefix-cache blocks are shared only between requests with the same salt (the tenant's)."""
     streaming: bool = True
     """The client reads the output as a stream (the scheduler may pause it while it reads)."""
     consumption_rate: float | None = None

@@ -239,13 +239,10 @@ class VLLMEngine:
         self._in_flight += 1
         finished = False
         try:
-            stream = self.llm.generate(
-                {"prompt_token_ids": list(request.prompt_token_ids)},
-                params,
-                request.request_id,
-                lora_request=lora,
-                priority=request.priority,
-            )
+            prompt: dict[str, Any] = {"prompt_token_ids": list(request.prompt_token_ids)}
+            if request.cache_salt is not None:
+                prompt["cache_salt"] = request.cache_salt
+            stream = self.llm.generate(prompt, params, request.request_id, lora_request=lora)
             async for out in stream:
                 completion = out.outputs[0]
                 finished = out.finished

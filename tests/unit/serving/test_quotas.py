@@ -13,9 +13,11 @@ from lorafleet.adapters.model import Quota
 from lorafleet.serving.api.quotas import (
     Admit,
     QuotaBook,
+    RefusalMemo,
     Refuse,
     TenantUsage,
     decide_admission,
+    decide_early,
     settle,
 )
 
@@ -76,6 +78,49 @@ async def test_in_process_book_keeps_usage_per_tenant() -> None:
     book.release("alice", q, 0)
     assert book.in_flight("alice") == 0
     assert isinstance(await book.admit("alice", q, 1, 0.0), Admit)
+
+
+def test_each_sequence_holds_a_slot() -> None:
+    q = Quota(max_concurrent=4)
+    d = decide_admission(q, TenantUsage(), 10, now=0.0, sequences=3)
+    assert isinstance(d, Admit) and d.usage.in_flight == 3
+    refused = decide_admission(q, d.usage, 10, now=0.0, sequences=2)
+    assert isinstance(refused, Refuse) and refused.reason == "concurrency"
+    assert isinstance(decide_admission(q, d.usage, 10, now=0.0), Admit)
+    assert settle(d.usage, q, 0, sequences=3).in_flight == 0
+    never = decide_admission(q, TenantUsage(), 10, now=0.0, sequences=5)
+    assert isinstance(never, Refuse) and never.reason == "sequences"
+
+
+async def test_in_process_book_counts_sequences() -> None:
+    book = QuotaBook()
+    q = Quota(max_concurrent=4)
+    assert isinstance(await book.admit("alice", q, 1, 0.0, sequences=4), Admit)
+    assert isinstance(await book.admit("alice", q, 1, 0.0), Refuse)
+    book.release("alice", q, 0, sequences=4)
+    assert book.in_flight("alice") == 0
+
+
+def test_an_early_refusal_is_only_drawn_when_certain() -> None:
+    q = Quota(requests_per_minute=60, tokens_per_minute=600)  # 1 request and 10 tokens a second
+    memo = RefusalMemo()
+    assert memo.early("alice", q, 10, now=0.0) is None  # nothing known yet
+    memo.note("alice", q, 1, Refuse("requests_per_minute", 2.0, "m"), now=0.0)
+    early = memo.early("alice", q, 1, now=1.5)
+    assert early is not None and early.reason == "requests_per_minute"
+    assert early.retry_after == 0.5
+    assert memo.early("alice", q, 1, now=2.0) is None  # the bucket may hold one again
+    assert memo.early("bob", q, 1, now=1.0) is None
+    assert memo.early("alice", Quota(requests_per_minute=600), 1, now=1.0) is None  # new quota
+    # The token bucket held 100 - 5 * 10 = 50 when it refused a cost of 100 for 5 s.
+    memo.note("alice", q, 100, Refuse("tokens_per_minute", 5.0, "m"), now=0.0)
+    assert memo.early("alice", q, 60, now=0.0) is not None  # 60 > 50
+    assert memo.early("alice", q, 50, now=0.0) is None  # might fit
+    assert memo.early("alice", q, 60, now=2.0) is None  # 50 + 2 * 10 = 70 now
+    memo.note("alice", q, 1, Admit(TenantUsage()), now=0.0)
+    assert memo.early("alice", q, 60, now=0.0) is None  # an admission forgets the refusal
+    too_large = decide_early(None, q, 601, now=0.0)
+    assert too_large is not None and too_large.reason == "too_large"
 
 
 @settings(max_examples=200, deadline=None)
