@@ -67,6 +67,17 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (printf "%s-admin" (include "lorafleet.fullname" .)) .Values.auth.existingSecret -}}
 {{- end -}}
 
+{{/* The key Prometheus scrapes /metrics with: not the admin key (a scrape config is read by
+more people than the admin API should be). */}}
+{{- define "lorafleet.metricsSecretName" -}}
+{{- default (printf "%s-metrics" (include "lorafleet.fullname" .)) .Values.monitoring.metricsKey.existingSecret -}}
+{{- end -}}
+
+{{/* Ray's token (RAY_AUTH_TOKEN): KubeRay reads it from the key `auth_token`. */}}
+{{- define "lorafleet.rayAuthSecretName" -}}
+{{- default (printf "%s-ray-auth" (include "lorafleet.fullname" .)) .Values.rayService.auth.existingSecret -}}
+{{- end -}}
+
 {{- define "lorafleet.redisFullname" -}}
 {{- printf "%s-redis" (include "lorafleet.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
@@ -110,6 +121,11 @@ external Redis.
     secretKeyRef:
       name: {{ include "lorafleet.adminSecretName" . }}
       key: {{ .Values.auth.existingSecretKey }}
+- name: LORAFLEET_METRICS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "lorafleet.metricsSecretName" . }}
+      key: {{ .Values.monitoring.metricsKey.existingSecretKey }}
 {{ include "lorafleet.registryEnv" . | trim }}
 {{- end -}}
 

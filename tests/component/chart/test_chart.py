@@ -75,6 +75,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "redis": {"enabled": False,
                   "external": {"existingSecret": "lorafleet-registry", "existingSecretKey": "url"}},
         "auth": {"existingSecret": "lorafleet-admin", "existingSecretKey": "key"},
+        "monitoring": {"metricsKey": {"existingSecret": "lorafleet-metrics"}},
     },
     "monitoring-off": {
         "monitoring": {"podMonitor": {"enabled": False}, "prometheusRule": {"enabled": False},

@@ -1,11 +1,16 @@
 """Chart values that harden a deployment (issue 19), rendered by real Helm (no cluster).
 
-Adapter intake bounds: every `IntakeSettings` field is a chart value with the model's default,
-and what the chart renders is what `IntakeSettings` reads in each serving container.
+- Adapter intake bounds: every `IntakeSettings` field is a chart value with the model's
+  default, and what the chart renders is what `IntakeSettings` reads in each serving container.
+- Ray token auth in rayservice mode, from a generated (or given) Secret.
+- NetworkPolicies: the API port open; Ray's ports, the admin port and Redis only from the
+  release's own pods (and the dashboard from the KubeRay operator).
+- Prometheus scrapes /metrics with a metrics key of its own, never the admin key.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -114,3 +119,139 @@ def test_intake_values_reach_every_serving_container(mode: str,
 ])
 def test_schema_refuses_bad_intake_values(bad: dict[str, Any]) -> None:
     assert schema_errors({"serving": {"intake": bad}})
+
+
+# --- Ray token auth (rayservice mode) ------------------------------------------------------
+
+
+def one(docs: list[dict[str, Any]], kind: str, suffix: str = "") -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(suffix)]
+    assert len(found) == 1, [d["metadata"]["name"] for d in found]
+    return found[0]
+
+
+def secret_value(docs: list[dict[str, Any]], name: str, key: str) -> str:
+    secret = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == name)
+    return base64.b64decode(secret["data"][key]).decode()
+
+
+def test_rayservice_turns_ray_token_auth_on_from_a_generated_secret() -> None:
+    docs = render(MODES["rayservice"])
+    auth = one(docs, "RayService")["spec"]["rayClusterConfig"]["authOptions"]
+    assert auth == {"mode": "token", "secretName": f"{RELEASE}-lorafleet-ray-auth"}
+    token = secret_value(docs, auth["secretName"], "auth_token")  # the key KubeRay reads
+    assert len(token) >= 32 and token.isalnum()
+    assert token != secret_value(render(MODES["rayservice"]), auth["secretName"], "auth_token")
+    assert 'lookup "v1" "Secret"' in (CHART / "templates" / "secrets.yaml").read_text()
+    assert one(docs, "Secret", "-ray-auth")["metadata"]["annotations"][
+        "helm.sh/resource-policy"] == "keep"
+
+
+def test_ray_auth_takes_an_existing_secret_and_is_absent_in_deployment_mode() -> None:
+    docs = render(merged(MODES["rayservice"], {"rayService": {"auth": {
+        "existingSecret": "ray-token"}}}))
+    cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"]["secretName"] == "ray-token"
+    assert not [d for d in docs if d["metadata"]["name"].endswith("-ray-auth")]
+    assert not [d for d in render({}) if d["metadata"]["name"].endswith("-ray-auth")]
+
+
+# --- NetworkPolicies -------------------------------------------------------------------------
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, selector
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def pod_labels(docs: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """Labels of every pod the release runs, by a short name."""
+    out = {}
+    for d in docs:
+        if d["kind"] in ("Deployment", "StatefulSet"):
+            out[d["metadata"]["name"]] = d["spec"]["template"]["metadata"]["labels"]
+        elif d["kind"] == "RayService":
+            cluster = d["spec"]["rayClusterConfig"]
+            out["ray-head"] = cluster["headGroupSpec"]["template"]["metadata"]["labels"]
+            for group in cluster["workerGroupSpecs"]:
+                out[f"ray-{group['groupName']}"] = group["template"]["metadata"]["labels"]
+    return out
+
+
+def admitted(policy: dict[str, Any], port: int, peer: dict[str, str] | None) -> bool:
+    """Whether `policy` lets a pod with labels `peer` (None: any other pod, or outside the
+    cluster) reach `port`."""
+    for rule in policy["spec"]["ingress"]:
+        ports = [p["port"] for p in rule.get("ports", [])]
+        if ports and port not in ports:
+            continue
+        sources = rule.get("from")
+        if sources is None:
+            return True
+        if peer is not None and any("podSelector" in s and "namespaceSelector" not in s
+                                    and selects(s["podSelector"], peer) for s in sources):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_only_the_api_port_is_open_to_everyone(mode: str) -> None:
+    docs = render(MODES[mode])
+    pods = pod_labels(docs)
+    serving = one(docs, "NetworkPolicy", "-serving")
+    redis = one(docs, "NetworkPolicy", "-redis")
+    serving_pods = {n: labels for n, labels in pods.items() if selects(
+        serving["spec"]["podSelector"], labels)}
+    assert set(serving_pods) == ({"ray-head", "ray-gpu"} if mode == "rayservice"
+                                 else {f"{RELEASE}-lorafleet-serving"})
+    assert selects(redis["spec"]["podSelector"], pods[f"{RELEASE}-lorafleet-redis"])
+    assert not selects(redis["spec"]["podSelector"], pods[f"{RELEASE}-lorafleet-operator"])
+    operator = pods[f"{RELEASE}-lorafleet-operator"]
+    assert admitted(serving, 8000, None)  # the OpenAI API
+    for port in (6379, 8265, 10001, 52365, 9999):  # GCS, dashboard, client, agent, a raylet
+        assert not admitted(serving, port, None), port
+        assert admitted(serving, port, operator) and all(
+            admitted(serving, port, labels) for labels in serving_pods.values())
+    assert not admitted(redis, 6379, None)
+    assert all(admitted(redis, 6379, labels) for labels in (operator, *serving_pods.values()))
+    if mode == "rayservice":
+        dashboard = [r for r in serving["spec"]["ingress"]
+                     if [p["port"] for p in r.get("ports", [])] == [8265]]
+        assert dashboard and dashboard[0]["from"] == [{"namespaceSelector": {}, "podSelector": {
+            "matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}]
+
+
+def test_network_policies_can_be_narrowed_or_turned_off() -> None:
+    peers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}}}]
+    serving = one(render({"networkPolicy": {"apiFrom": peers}}), "NetworkPolicy", "-serving")
+    assert not admitted(serving, 8000, None)
+    assert [r["from"] for r in serving["spec"]["ingress"] if r.get("ports")] == [peers]
+    assert "NetworkPolicy" not in [d["kind"] for d in render(
+        {"networkPolicy": {"enabled": False}})]
+    assert schema_errors({"networkPolicy": {"apiFrom": [{"bogus": {}}]}})
+
+
+# --- a metrics key of its own ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_prometheus_scrapes_with_the_metrics_key_not_the_admin_key(mode: str) -> None:
+    docs = render(MODES[mode])
+    endpoint = one(docs, "PodMonitor", "-serving")["spec"]["podMetricsEndpoints"][0]
+    ref = endpoint["authorization"]["credentials"]
+    assert ref == {"name": f"{RELEASE}-lorafleet-metrics", "key": "metrics-key"}
+    metrics_key = secret_value(docs, ref["name"], ref["key"])
+    assert len(metrics_key) >= 32
+    assert metrics_key != secret_value(docs, f"{RELEASE}-lorafleet-admin", "admin-key")
+    for container in serving_containers(docs):
+        env = {e["name"]: e for e in container["env"]}
+        assert env["LORAFLEET_METRICS_KEY"]["valueFrom"]["secretKeyRef"] == ref
+
+
+def test_an_existing_metrics_secret_is_used_as_is() -> None:
+    docs = render({"monitoring": {"metricsKey": {"existingSecret": "prom-scrape",
+                                                 "existingSecretKey": "token"}}})
+    ref = one(docs, "PodMonitor", "-serving")["spec"]["podMetricsEndpoints"][0][
+        "authorization"]["credentials"]
+    assert ref == {"name": "prom-scrape", "key": "token"}
+    assert not [d for d in docs if d["metadata"]["name"].endswith("-metrics")]
