@@ -108,6 +108,8 @@ def make_services(
     adapter_store: str | None = None,
     adapter_secrets_dir: Path | None = None,
     tenancy: TenancySettings | None = None,
+    api_docs: bool = False,
+    admin_listener: bool = False,
 ) -> ApiServices:
     intake = make_intake(
         engine_config, data_dir, max_bytes=adapter_max_bytes, cache_bytes=adapter_cache_bytes,
@@ -128,4 +130,6 @@ def make_services(
         metrics_key_hash=hash_key(metrics_key) if metrics_key else None,
         public_metrics=public_metrics,
         tenancy_settings=tenancy or TenancySettings(),
+        api_docs=api_docs,
+        admin_listener=admin_listener,
     )

@@ -40,6 +40,11 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--replicas", type=int, default=None, help="Engine replicas (default 1).")
     p.add_argument("--public-metrics", action="store_true", default=None,
                    help="Serve /metrics without a credential (it names tenants and adapters).")
+    p.add_argument("--api-docs", action="store_true", default=None,
+                   help="Serve /docs, /redoc and /openapi.json (off by default: they map "
+                   "every route, the admin API's included).")
+    p.add_argument("--admin-port", type=int, default=None,
+                   help="Serve the admin API on this port only (same host), not on --port.")
     p.add_argument("--ray-address", default=None, help="Attach to this Ray cluster.")
     p.add_argument("--adapter-store", default=None,
                    help="Shared adapter store every node reads: s3://bucket/prefix or "
@@ -132,7 +137,7 @@ def _settings(args: argparse.Namespace) -> Any:
     given = {k: getattr(args, k) for k in (
         "host", "port", "data_dir", "registry_url", "admin_key", "replicas", "ray_address",
         "adapter_store", "adapter_secrets_dir",
-        "public_metrics", "ingress_replicas",
+        "public_metrics", "ingress_replicas", "api_docs", "admin_port",
     ) if getattr(args, k, None) is not None}
     return ServeSettings(**given)
 

@@ -264,6 +264,15 @@ class ServeSettings(BaseSettings):
     public_metrics: bool = Field(
         default=False, description="Serve /metrics without a credential (it names tenants)."
     )
+    api_docs: bool = Field(
+        default=False, description="Serve /docs, /redoc and /openapi.json (off: they map every "
+        "route, the admin API's included, for anyone who asks)."
+    )
+    admin_port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="Serve the admin API (/admin/v1) on this port only, on the same host, and "
+        "not on the public port; unset: on the public port.",
+    )
     replicas: int = Field(default=1, ge=1, description="Engine replicas (Ray Serve deployments).")
     ingress_replicas: int = Field(
         default=1, ge=1,

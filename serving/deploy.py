@@ -328,9 +328,17 @@ class Ingress:
             public_metrics=s.public_metrics,
             adapter_store=s.adapter_store,
             adapter_secrets_dir=s.adapter_secrets_dir,
+            api_docs=s.api_docs,
+            admin_listener=s.admin_port is not None,
         )
 
         self.services.trust_arrival_stamp = proxy_stamps_arrival()
+        if s.admin_port is not None:
+            from .admin_listener import AdminListener
+
+            # Ray Serve runs this constructor on the replica's user-code event loop, the one
+            # that serves the ingress's requests: the listener runs there too.
+            self.admin_listener = AdminListener(self.services, s.host, s.admin_port).start()
 
     def __serve_build_asgi_app__(self) -> Any:
         from .api.app import build_app

@@ -1,7 +1,12 @@
-"""The FastAPI application: OpenAI routes, admin routes, /health and /metrics.
+"""The FastAPI applications: the public one (OpenAI routes, /health, /metrics, and the admin
+routes unless they have a listener of their own) and the admin one.
 
 Boundary: wiring only. ``build_app(services)`` is what Ray Serve's ingress deployment
-mounts and what the component tests drive in-process.
+mounts and what the component tests drive in-process; ``build_admin_app(services)`` is what
+the admin listener (``serving/admin_listener.py``) serves when ``services.admin_listener``.
+
+The interactive docs and the OpenAPI document are off unless ``services.api_docs``: they list
+every route and schema, the admin API's included, to anyone who asks.
 """
 
 from __future__ import annotations
@@ -19,21 +24,40 @@ from .openai_routes import build_openai_router
 from .services import ApiServices
 
 
-def build_app(services: ApiServices) -> FastAPI:
+def _new_app(services: ApiServices, title: str) -> FastAPI:
+    docs = bool(services.api_docs)
     app = FastAPI(
-        title="LoRAFleet",
+        title=title,
         version="0.1.0",
         description="Multi-tenant LoRA serving with an OpenAI-compatible API.",
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
     )
     install_error_handlers(app)
-    app.include_router(build_openai_router(services))
-    app.include_router(build_admin_router(services))
 
     @app.exception_handler(RegistryUnavailable)
     async def _registry_down(_: Request, exc: RegistryUnavailable) -> JSONResponse:
         if isinstance(exc, RegistryReset):
             return ServiceUnavailable(RESET_MESSAGE).response()
         return ServiceUnavailable("The registry is unavailable; retry shortly.").response()
+
+    app.state.services = services
+    return app
+
+
+def build_admin_app(services: ApiServices) -> FastAPI:
+    """The admin API alone, for a listener of its own."""
+    app = _new_app(services, "LoRAFleet admin")
+    app.include_router(build_admin_router(services))
+    return app
+
+
+def build_app(services: ApiServices) -> FastAPI:
+    app = _new_app(services, "LoRAFleet")
+    app.include_router(build_openai_router(services))
+    if not services.admin_listener:
+        app.include_router(build_admin_router(services))
 
     @app.get("/health")
     async def health() -> dict[str, object]:
@@ -53,5 +77,4 @@ def build_app(services: ApiServices) -> FastAPI:
         )
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    app.state.services = services
     return app

@@ -61,6 +61,11 @@ class ApiServices:
     public_metrics: bool = False
     # The HTTP proxy stamps each request's arrival (``arrival.py``); only then is it read.
     trust_arrival_stamp: bool = False
+    # /docs, /redoc and /openapi.json: off unless asked for (they map every route).
+    api_docs: bool = False
+    # The admin API has a listener of its own (``ServeSettings.admin_port``): the public app
+    # leaves its routes out.
+    admin_listener: bool = False
     # Key and name caches, the stale window and the registry deadline and breaker.
     tenancy_settings: TenancySettings = field(default_factory=TenancySettings)
     tenancy: Tenancy = field(init=False)

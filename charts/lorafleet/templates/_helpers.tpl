@@ -239,12 +239,25 @@ Environment of every serving container: the Deployment's, the Ray head's and the
 - The shared adapter store. Its credentials are the pods' ambient AWS identity
   (adapters/store.py), hence AWS_* variables from serving.adapterStore.existingSecret: every
   node that may fetch (engine replicas on workers) or import (an Ingress anywhere) needs them.
+- The API surface: docs opt-in, and the admin API on its own port when serving.adminPort is
+  set (ServeSettings reads LORAFLEET_API_DOCS, LORAFLEET_ADMIN_PORT).
 - Adapter intake bounds (IntakeSettings reads LORAFLEET_INTAKE_*): an Ingress anywhere may
   import. Integers go through int64, or Helm would print a large one as 5.36870912e+08.
 */}}
 {{- define "lorafleet.servingEnv" -}}
 - name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
   value: lorafleet.serving.api.arrival:proxy_middlewares
+{{- if .Values.serving.apiDocs }}
+- name: LORAFLEET_API_DOCS
+  value: "true"
+{{- end }}
+{{- with .Values.serving.adminPort }}
+- name: LORAFLEET_ADMIN_PORT
+  value: {{ . | int64 | toString | quote }}
+{{- /* The admin listener binds ServeSettings.host, which a RayService sets nowhere else. */}}
+- name: LORAFLEET_HOST
+  value: "0.0.0.0"
+{{- end }}
 {{- with .Values.serving.intake }}
 - name: LORAFLEET_INTAKE_ALLOW_NETWORKS
   value: {{ .allowNetworks | default list | toJson | quote }}

@@ -255,3 +255,41 @@ def test_an_existing_metrics_secret_is_used_as_is() -> None:
         "authorization"]["credentials"]
     assert ref == {"name": "prom-scrape", "key": "token"}
     assert not [d for d in docs if d["metadata"]["name"].endswith("-metrics")]
+
+
+# --- the API surface: docs opt-in, a separate admin listener ---------------------------------
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_an_admin_port_keeps_the_admin_api_inside_the_release(
+        mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorafleet.serving.config import ServeSettings
+
+    docs = render(merged(MODES[mode], {"serving": {"adminPort": 8081}}))
+    for container in serving_containers(docs):
+        assert {"name": "admin", "containerPort": 8081} in [
+            {k: p[k] for k in ("name", "containerPort")} for p in container["ports"]]
+        for e in container["env"]:
+            if e["name"] in ("LORAFLEET_ADMIN_PORT", "LORAFLEET_HOST", "LORAFLEET_API_DOCS"):
+                monkeypatch.setenv(e["name"], e["value"])
+        settings = ServeSettings()
+        assert (settings.admin_port, settings.host, settings.api_docs) == (8081, "0.0.0.0", False)
+    service = one(docs, "Service", f"{RELEASE}-lorafleet")
+    assert {"name": "admin", "port": 8081, "targetPort": "admin", "protocol": "TCP"} in \
+        service["spec"]["ports"]
+    operator = one(docs, "Deployment", "-operator")["spec"]["template"]
+    env = {e["name"]: e.get("value") for e in operator["spec"]["containers"][0]["env"]}
+    assert env["LORAFLEET_OPERATOR_SERVING_URL"] == f"http://{RELEASE}-lorafleet.{NAMESPACE}.svc:8081"
+    policy = one(docs, "NetworkPolicy", "-serving")
+    assert not admitted(policy, 8081, None)
+    assert admitted(policy, 8081, operator["metadata"]["labels"])
+
+
+def test_docs_are_off_by_default_and_a_value_turns_them_on() -> None:
+    def docs_env(values: dict[str, Any]) -> set[str | None]:
+        return {e.get("value") for c in serving_containers(render(values)) for e in c["env"]
+                if e["name"] == "LORAFLEET_API_DOCS"}
+
+    assert docs_env({}) == set()
+    assert docs_env({"serving": {"apiDocs": True}}) == {"true"}
+    assert schema_errors({"serving": {"adminPort": 0}})
