@@ -1,11 +1,23 @@
 """Streaming-aware (TokenFlow-style) scheduling: a pure policy and a thin vLLM adapter.
 
-Boundary: ``model`` and ``policy`` are pure (no vLLM, no clock); ``vllm_scheduler`` is the only
-module that imports vLLM, and it only translates the policy's plans into vLLM's queues.
+Boundary: ``model``, ``policy``, ``step_cost`` and ``tracking`` are pure (no vLLM, no clock);
+``vllm_scheduler`` is the only module that imports vLLM, and it only translates the policy's
+plans into vLLM's queues.
 """
 
 from .errors import SchedulingError, UnknownPolicyError, UnsupportedVLLMVersion
-from .model import Action, Capacity, Decision, Plan, Reason, RequestState, RequestView, TokenFlowParams
+from .model import (
+    DEFAULT_CONSUMPTION_RATE,
+    Action,
+    Capacity,
+    Decision,
+    Plan,
+    Reason,
+    RequestState,
+    RequestView,
+    StepCost,
+    TokenFlowParams,
+)
 from .policy import (
     POLICIES,
     advance_reader,
@@ -15,8 +27,10 @@ from .policy import (
     make_policy,
     time_to_stall,
 )
+from .step_cost import StepCostModel
 
 __all__ = [
+    "DEFAULT_CONSUMPTION_RATE",
     "POLICIES",
     "Action",
     "Capacity",
@@ -26,6 +40,8 @@ __all__ = [
     "RequestState",
     "RequestView",
     "SchedulingError",
+    "StepCost",
+    "StepCostModel",
     "TokenFlowParams",
     "UnknownPolicyError",
     "UnsupportedVLLMVersion",

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from .model import StepCost
+
 PREFIXES = ("lorafleet_scheduler_", "lorafleet_kv_offload_")
 
 _RESUME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -43,10 +45,25 @@ class SchedulerMetrics:
         )
         self.throughput = Gauge(
             "lorafleet_scheduler_full_batch_tokens_per_second",
-            "Tokens/s the engine generates with a full batch, as measured by the scheduler "
-            "(the reading-rate budget is this less the headroom); 0 until measured.",
+            "Tokens/s a full decode batch generates, predicted by the scheduler's step-cost "
+            "model; 0 until it has seen enough steps.",
             registry=r,
         )
+        self.step_cost = Gauge(
+            "lorafleet_scheduler_step_cost_seconds",
+            "Step-cost model learned from every engine step: a step takes base + "
+            "per_sequence x sequences + per_token x tokens seconds (term: base, "
+            "per_sequence, per_token); 0 until learned.",
+            ["term"], registry=r,
+        )
+
+    def observe_step_cost(self, cost: StepCost | None, full_batch: int) -> None:
+        """Set the step-cost gauges (and the full-batch tokens/s it predicts)."""
+        terms = ((cost.base_s, cost.per_sequence_s, cost.per_token_s) if cost is not None
+                 else (0.0, 0.0, 0.0))
+        for term, value in zip(("base", "per_sequence", "per_token"), terms, strict=True):
+            self.step_cost.labels(term).set(value)
+        self.throughput.set(cost.decode_tokens_per_s(full_batch) if cost is not None else 0.0)
 
 
 class OffloadMetrics:
@@ -91,8 +108,8 @@ def export_text(path: Path, registry: CollectorRegistry | None = None) -> None:
 
 
 def read_counters(text: str) -> dict[str, float]:
-    """The ``lorafleet_scheduler_*``/``lorafleet_kv_offload_*`` counters (and the measured
-    full-batch tokens/s) of a /metrics page, summed over replicas: ``name`` or
+    """The ``lorafleet_scheduler_*``/``lorafleet_kv_offload_*`` counters (and the step-cost
+    gauges with the full-batch tokens/s they predict) of a /metrics page, summed over replicas: ``name`` or
     ``name{label=value,...}`` without ``_total`` (labels kept: direction, result, action,
     reason)."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -101,10 +118,10 @@ def read_counters(text: str) -> dict[str, float]:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if not sample.name.startswith(PREFIXES) or not sample.name.endswith(
-                    ("_total", "_tokens_per_second")):
+                    ("_total", "_tokens_per_second", "_step_cost_seconds")):
                 continue
             labels = {k: v for k, v in sample.labels.items()
-                      if k in ("direction", "result", "action", "reason")}
+                      if k in ("direction", "result", "action", "reason", "term")}
             key = sample.name.removesuffix("_total") + (
                 "{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}" if labels else "")
             out[key] = out.get(key, 0.0) + sample.value

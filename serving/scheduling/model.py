@@ -9,6 +9,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+DEFAULT_CONSUMPTION_RATE = 6.0
+"""Tokens/s a person reads, assumed for a stream whose client declared no rate."""
+
 
 class RequestState(enum.Enum):
     """Where a request is, as the policy sees it."""
@@ -48,9 +51,10 @@ class Reason(enum.Enum):
     NO_CAPACITY = "no_capacity"
     LORA_SLOTS_FULL = "lora_slots_full"
     KV_FULL = "kv_full"
-    OVER_BUDGET = "over_budget"
-    """Waits for a free slot: the started streams' reading rates already use the engine's
-    throughput, so nobody is paused for it (overload degrades to FCFS, not to thrashing)."""
+    RATE_CAP = "rate_cap"
+    """Not run this step: the streams kept running already read what the engine can generate
+    at that batch size (one more would leave them slower than their readers). It waits, paused
+    or with its first token, until a running stream finishes or has buffer to spare."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ class RequestView:
     max_tokens: int
     generated_tokens: int = 0
     streaming: bool = True
-    consumption_rate: float = 6.0
+    consumption_rate: float = DEFAULT_CONSUMPTION_RATE
     """Tokens/s the client reads (declared or default). Must be > 0."""
     first_token_time: float | None = None
     reader_tokens: float = 0.0
@@ -96,9 +100,30 @@ class Capacity:
     kv_blocks: int | None = None
     """KV blocks the running set may use; ``None``: not a constraint."""
     block_size: int = 32
-    tokens_per_s: float | None = None
-    """Tokens/s the engine generates with a full batch (measured); ``None``: unknown, no
-    reading-rate budget."""
+    step_cost: StepCost | None = None
+    """How long a step takes at each batch size (learned from the engine's steps); ``None``:
+    unknown, no reading-rate cap."""
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """One engine step takes ``base_s + per_sequence_s * n + per_token_s * tokens`` seconds
+    for ``n`` sequences computing ``tokens`` tokens (a decode step: ``tokens == n``)."""
+
+    base_s: float
+    per_sequence_s: float
+    per_token_s: float
+
+    def step_s(self, sequences: int, tokens: int) -> float:
+        return self.base_s + self.per_sequence_s * sequences + self.per_token_s * tokens
+
+    def stream_tokens_per_s(self, sequences: int) -> float:
+        """Tokens/s each of ``sequences`` decoding streams gets (one token per step)."""
+        return 1.0 / self.step_s(sequences, sequences)
+
+    def decode_tokens_per_s(self, sequences: int) -> float:
+        """Tokens/s a decode batch of ``sequences`` streams generates in all."""
+        return sequences * self.stream_tokens_per_s(sequences)
 
 
 @dataclass(frozen=True)
@@ -135,9 +160,10 @@ class TokenFlowParams:
     tpot_estimate_s: float = 0.05
     """Estimate of one decode step, used to turn remaining tokens into seconds."""
     rate_headroom: float = 0.1
-    """Reading-rate budget: streams started (running or paused) may together read at most
-    ``(1 - rate_headroom) * Capacity.tokens_per_s``; a new stream beyond that is not given
-    anyone's slot (it still takes a free one). 1.0 turns the budget off."""
+    """Reading-rate cap: the streams kept running (with a first token) may together read at
+    most ``(1 - rate_headroom)`` of what a batch of that size generates
+    (``Capacity.step_cost``), so each gains buffer while it runs and can later yield its slot.
+    1.0 turns the cap off."""
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():

@@ -12,12 +12,15 @@ deadline minus the time their remaining tokens need. Slots go to the smallest sl
 within batch slots, KV blocks and ``max_loras`` distinct adapters. Running requests whose buffer
 is short are never paused; a request waiting or paused past a bound goes first (no starvation).
 
-Rotation only works while the engine can feed every started stream at its reading rate. A
-*reading-rate budget* keeps it so: the started streams' rates plus a newcomer's must fit in the
-measured full-batch throughput (less a headroom), or the newcomer is *over budget* and ranks
-after everyone started, in arrival order and past the wait bound too: it takes a slot nobody
-started wants, and nobody is paused for it (started answers are finite, so the budget frees).
-Under overload the policy so degrades to FCFS instead of pausing everyone in turn.
+Rotation only works while the engine feeds every running stream faster than its reader.
+A *reading-rate cap* keeps it so: the streams kept running (those with a first token) may
+together read at most ``1 - rate_headroom`` of what a batch of that size generates
+(``Capacity.step_cost``, learned from the engine's steps), so each one gains buffer while it
+runs. Newcomers are exempt until their first token (TTFT stays short); then they queue with
+the paused streams. Streams protected by a short buffer hold their slot against rivals but
+not against the cap: past it the youngest pause (``rate_cap``), the oldest keep running
+(finishing answers is what frees the cap). A paused stream takes a slot back from a running
+one whose buffer can spare it, or when it is overdue (``max_pause_s``).
 
 Between streams already started, a stream admitted or resumed less than ``min_run_s`` ago
 ranks just ahead of the most urgent paused one: it yields its slot to newcomers and overdue
@@ -27,6 +30,7 @@ requests, not to a paused stream (ranking by slack alone swapped pairs every ~0.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -159,21 +163,18 @@ def blocks_needed(v: RequestView, block_size: int) -> int:
     return -(-(v.context_tokens + 1) // block_size)
 
 
-def over_budget(reqs: list[RequestView], cap: Capacity, p: TokenFlowParams) -> set[str]:
-    """Waiting streams the reading-rate budget leaves out, latest arrivals first to go."""
-    if cap.tokens_per_s is None or p.rate_headroom >= 1.0:
-        return set()
-    budget = (1.0 - p.rate_headroom) * cap.tokens_per_s
-    demand = sum(v.consumption_rate for v in reqs
-                 if v.streaming and v.state is not RequestState.WAITING)
-    out: set[str] = set()
-    for v in reqs:  # arrival order
-        if v.streaming and v.state is RequestState.WAITING:
-            if demand + v.consumption_rate <= budget:
-                demand += v.consumption_rate
-            else:
-                out.add(v.request_id)
-    return out
+def reads(v: RequestView) -> float:
+    """Tokens/s this request's reader takes from the engine once it streams (0 before its
+    first token, and for non-streaming requests)."""
+    return v.consumption_rate if v.streaming and v.generated_tokens > 0 else 0.0
+
+
+def fits(cap: Capacity, p: TokenFlowParams, sequences: int, demand: float) -> bool:
+    """Whether a batch of ``sequences`` can feed readers that take ``demand`` tokens/s in all,
+    with ``rate_headroom`` to spare (always, when the step cost is unknown)."""
+    if cap.step_cost is None or p.rate_headroom >= 1.0 or demand <= 0:
+        return True
+    return demand <= (1.0 - p.rate_headroom) * cap.step_cost.decode_tokens_per_s(max(1, sequences))
 
 
 def decide_tokenflow(
@@ -187,31 +188,40 @@ def decide_tokenflow(
 
     selected: list[Decision] = []
     rejected: list[Decision] = []
-    adapters: set[str] = set()
+    adapters: Counter[str] = Counter()  # requests per adapter in the running set
     blocks = 0
     taken = 0
+    demand = 0.0  # tokens/s the readers of the streams kept or started so far take
 
-    # 1. Running requests that may not be paused keep their slot whatever it costs.
+    def take(v: RequestView, sign: int = 1) -> None:
+        nonlocal taken, blocks
+        taken += sign
+        blocks += sign * blocks_needed(v, cap.block_size)
+        if v.adapter_id is not None:
+            adapters[v.adapter_id] += sign
+            if adapters[v.adapter_id] <= 0:
+                del adapters[v.adapter_id]
+
+    # 1. Running requests that may not be paused at all keep their slot whatever it costs.
+    #    Those protected only by a short buffer hold their slot against rivals (reserved
+    #    here) but not against the reading-rate cap (checked below, oldest first).
     contenders: list[_Scored] = []
+    short: list[RequestView] = []
     for v in running:
         why = _protected(v, now, p)
         if why is None:
             contenders.append(_score(v, now, p, running_adapters))
-            continue
-        selected.append(Decision(v.request_id, Action.KEEP_RUNNING, why))
-        taken += 1
-        blocks += blocks_needed(v, cap.block_size)
-        if v.adapter_id is not None:
-            adapters.add(v.adapter_id)
+        elif why is Reason.BUFFER_SHORT:
+            short.append(v)
+            take(v)  # reserved: released if the cap pauses it
+        else:
+            selected.append(Decision(v.request_id, Action.KEEP_RUNNING, why))
+            take(v)
+            demand += reads(v)
 
-    # 2. Everyone else competes by (forced first, within budget, slack, arrival, id).
-    excess = over_budget(reqs, cap, p)
-    for v in reqs:
-        if v.state is not RequestState.RUNNING:
-            s = _score(v, now, p, running_adapters)
-            if v.request_id in excess:  # FCFS among these: finite answers free the budget
-                s = _Scored(v, False, math.inf, Reason.OVER_BUDGET)
-            contenders.append(s)
+    # 2. Everyone else competes by (forced first, slack, arrival, id).
+    contenders += [_score(v, now, p, running_adapters) for v in reqs
+                   if v.state is not RequestState.RUNNING]
     # A stream admitted or resumed less than min_run_s ago yields its slot to a newcomer, not
     # to a paused stream (which would then trade places with it every few steps).
     floor = min((s.slack for s in contenders if s.view.state is RequestState.PAUSED and not s.forced),
@@ -221,10 +231,22 @@ def decide_tokenflow(
         if (v.state is RequestState.RUNNING and v.running_since is not None
                 and now - v.running_since < p.min_run_s and s.slack >= floor):
             contenders[i] = _Scored(v, False, floor - 1e-6, Reason.MIN_RUN)
-    contenders.sort(key=lambda s: (not s.forced, s.reason is Reason.OVER_BUDGET, s.slack,
-                                   s.view.arrival, s.view.request_id))
-    for s in contenders:
+    # Overdue requests first, then the short-buffer incumbents (oldest first: finishing
+    # answers is what frees the rate cap), then the rest by slack.
+    order = [(0, s.view.arrival, 0.0, s) for s in contenders if s.forced]
+    order += [(1, v.arrival, 0.0, _Scored(v, False, 0.0, Reason.BUFFER_SHORT)) for v in short]
+    order += [(2, s.slack, s.view.arrival, s) for s in contenders if not s.forced]
+    order.sort(key=lambda o: (o[0], o[1], o[2], o[3].view.request_id))
+    for cls, _, _, s in order:
         v = s.view
+        if cls == 1:  # its slot is reserved; only the rate cap can take it
+            if fits(cap, p, taken, demand + reads(v)):
+                demand += reads(v)
+                selected.append(Decision(v.request_id, Action.KEEP_RUNNING, Reason.BUFFER_SHORT))
+            else:
+                take(v, -1)
+                rejected.append(Decision(v.request_id, Action.PAUSE, Reason.RATE_CAP))
+            continue
         need = blocks_needed(v, cap.block_size)
         refusal: Reason | None = None
         if taken >= cap.max_running:
@@ -233,21 +255,19 @@ def decide_tokenflow(
             refusal = Reason.LORA_SLOTS_FULL
         elif cap.kv_blocks is not None and blocks + need > cap.kv_blocks and taken > 0:
             refusal = Reason.KV_FULL
+        elif not fits(cap, p, taken + 1, demand + reads(v)):
+            refusal = Reason.RATE_CAP
         if refusal is None:
-            taken += 1
-            blocks += need
-            if v.adapter_id is not None:
-                adapters.add(v.adapter_id)
+            take(v)
+            demand += reads(v)
             action = {RequestState.RUNNING: Action.KEEP_RUNNING, RequestState.PAUSED: Action.RESUME,
                       RequestState.WAITING: Action.ADMIT}[v.state]
             selected.append(Decision(v.request_id, action, s.reason))
         else:
             action = {RequestState.RUNNING: Action.PAUSE, RequestState.PAUSED: Action.KEEP_PAUSED,
                       RequestState.WAITING: Action.DEFER}[v.state]
-            # A pause is explained by the buffer that makes it harmless; a deferral over
-            # budget by the budget.
-            reason = (Reason.BUFFER_LONG if action is Action.PAUSE
-                      else Reason.OVER_BUDGET if s.reason is Reason.OVER_BUDGET else refusal)
+            # A pause is explained by the buffer that makes it harmless.
+            reason = Reason.BUFFER_LONG if action is Action.PAUSE else refusal
             rejected.append(Decision(v.request_id, action, reason))
     return Plan(tuple(selected) + tuple(rejected))
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +31,17 @@ from vllm.v1.request import Request, RequestStatus
 
 from .errors import UnsupportedVLLMVersion
 from .metrics import export_text, scheduler_metrics
-from .model import Action, Capacity, RequestState, RequestView, TokenFlowParams
-from .policy import advance_reader, make_policy
-from .throughput import ThroughputEstimate
+from .model import (
+    DEFAULT_CONSUMPTION_RATE,
+    Action,
+    Capacity,
+    RequestState,
+    RequestView,
+    TokenFlowParams,
+)
+from .policy import make_policy
+from .step_cost import StepCostModel
+from .tracking import RequestTrack
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +76,18 @@ class TokenFlowScheduler(Scheduler):
         self._policy = make_policy(cfg.get("policy", "tokenflow"), params)
         self._max_running = min(int(cfg.get("max_running") or self.max_num_running_reqs),
                                 self.max_num_running_reqs)
-        self._default_rate = float(cfg.get("default_consumption_rate", 6.0))
+        self._default_rate = float(cfg.get("default_consumption_rate") or DEFAULT_CONSUMPTION_RATE)
         self._max_loras = self.lora_config.max_loras if self.lora_config else 1_000_000
         self._clock = time.time  # vLLM's arrival_time is wall-clock; so is ours
         # Requests the plan holds back (paused or deferred). They are still ours: counted as
         # waiting, and finishable (abort) at any time.
         self._parked: dict[str, Request] = {}
-        self._paused_since: dict[str, float] = {}
-        self._num_pauses: dict[str, int] = {}
-        self._first_token_at: dict[str, float] = {}
-        # Reader model per streaming request: (tokens paid for, at, tokens delivered, its
-        # reading rate, looked up once at the first token rather than every step).
-        self._reader: dict[str, tuple[float, float, int, float]] = {}
-        self._resumed_at: dict[str, float] = {}
-        self._started_at: dict[str, float] = {}  # last admitted or resumed by a plan
-        self._throughput = ThroughputEstimate(full_at=max(1, self._max_running - 1))
+        self._tracks: dict[str, RequestTrack] = {}  # one record per request seen
+        # Step timing: when each schedule() began (FIFO: outputs come back in order) and when
+        # the last output was processed (a pipelined step starts before the previous ends).
+        self._step_began: deque[float] = deque(maxlen=8)
+        self._last_output_at: float | None = None
+        self._step_cost = StepCostModel()
         self.metrics = scheduler_metrics()
         self._metrics_path = Path(cfg["metrics_path"]) if cfg.get("metrics_path") else None
         self._exported_at = 0.0
@@ -89,6 +96,7 @@ class TokenFlowScheduler(Scheduler):
     # -- vLLM hooks -------------------------------------------------------------------
 
     def schedule(self, throttle_prefills: bool = False) -> Any:
+        self._step_began.append(self._clock())
         self._apply_plan()
         saves = bool(getattr(self.connector, "has_pending_saves", lambda: False)())
         out = super().schedule(throttle_prefills)
@@ -101,24 +109,13 @@ class TokenFlowScheduler(Scheduler):
     def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
         out = super().update_from_output(scheduler_output, model_runner_output)
         now = self._clock()
-        sampled = getattr(model_runner_output, "sampled_token_ids", None) or []
-        self._throughput.observe(now, len(scheduler_output.num_scheduled_tokens),
-                                 sum(1 for ids in sampled if len(ids) > 0))
+        self._observe_step(scheduler_output, now)
         for req in self.running:
-            rid = req.request_id
-            delivered = req.num_output_tokens
-            if delivered > 0 and rid not in self._first_token_at:
-                self._first_token_at[rid] = now
-                self._reader[rid] = (0.0, now, delivered, self._rate(request_extra(req)))
-            elif delivered > 0:
-                read, at, before, rate = self._reader[rid]
-                if delivered > before:
-                    read, at = advance_reader(read, at, before, rate, now)
-                    self._reader[rid] = (read, at, delivered, rate)
-            started = self._resumed_at.get(rid)
-            if started is not None and req.num_computed_tokens >= req.num_tokens - 1:
-                self.metrics.resume_latency.observe(now - started)
-                del self._resumed_at[rid]
+            track = self._track(req).delivered_to(req.num_output_tokens, now)
+            if track.resumed_at is not None and req.num_computed_tokens >= req.num_tokens - 1:
+                self.metrics.resume_latency.observe(now - track.resumed_at)
+                track = replace(track, resumed_at=None)
+            self._tracks[req.request_id] = track
         if self._dirty or now - self._exported_at >= 1.0:
             self._export(now)
         return out
@@ -127,10 +124,21 @@ class TokenFlowScheduler(Scheduler):
         self._export(self._clock())
         super().shutdown()
 
+    def _observe_step(self, scheduler_output: Any, now: float) -> None:
+        """Feed the step-cost model: sequences and tokens of the step and how long it took
+        (from its schedule() call, or from the previous output when steps overlap)."""
+        began = self._step_began.popleft() if self._step_began else None
+        last, self._last_output_at = self._last_output_at, now
+        if began is None:
+            return
+        start = began if last is None else max(began, last)
+        self._step_cost.observe(now - start, len(scheduler_output.num_scheduled_tokens),
+                                scheduler_output.total_num_scheduled_tokens)
+
     def _export(self, now: float) -> None:
         """Write this process's lorafleet_* series for the replica to serve (~1/s)."""
         if self._metrics_path is not None:
-            self.metrics.throughput.set(self._throughput.value or 0.0)
+            self.metrics.observe_step_cost(self._step_cost.estimate, self._max_running)
             self._exported_at = now
             self._dirty = False
             export_text(self._metrics_path)
@@ -160,18 +168,21 @@ class TokenFlowScheduler(Scheduler):
     # -- translation ------------------------------------------------------------------
 
     def _forget(self, rid: str) -> None:
-        for d in (self._paused_since, self._num_pauses, self._first_token_at, self._resumed_at,
-                  self._reader, self._started_at):
-            d.pop(rid, None)
+        self._tracks.pop(rid, None)
 
-    def _rate(self, extra: dict[str, Any]) -> float:
-        """Tokens/s the request's client reads: declared, else the default."""
-        return float(extra.get("consumption_rate") or self._default_rate)
+    def _track(self, req: Request) -> RequestTrack:
+        """The request's record, made from its extension args the first time it is seen."""
+        track = self._tracks.get(req.request_id)
+        if track is None:
+            extra = request_extra(req)
+            track = RequestTrack(streaming=bool(extra.get("streaming", True)),
+                                 rate=float(extra.get("consumption_rate") or self._default_rate))
+            self._tracks[req.request_id] = track
+        return track
 
     def _view(self, req: Request, state: RequestState, now: float) -> RequestView:
-        extra = request_extra(req)
+        track = self._track(req)
         lora = req.lora_request
-        read, read_at, _, _ = self._reader.get(req.request_id, (0.0, None, 0, 0.0))
         return RequestView(
             request_id=req.request_id,
             arrival=req.arrival_time,
@@ -179,19 +190,19 @@ class TokenFlowScheduler(Scheduler):
             prompt_tokens=req.num_prompt_tokens,
             max_tokens=req.max_tokens,
             generated_tokens=req.num_output_tokens,
-            streaming=bool(extra.get("streaming", True)),
-            consumption_rate=self._rate(extra),
-            first_token_time=self._first_token_at.get(req.request_id),
-            reader_tokens=read,
-            reader_at=read_at,
+            streaming=track.streaming,
+            consumption_rate=track.rate,
+            first_token_time=track.first_token_at,
+            reader_tokens=track.reader_tokens,
+            reader_at=track.reader_at,
             adapter_id=str(lora.lora_int_id) if lora is not None else None,
+            # A request vLLM preempted by itself has no pause time of ours: paused "now".
             paused_since=(
-                self._paused_since.get(req.request_id, now) if state is RequestState.PAUSED else None
+                (track.paused_since if track.paused_since is not None else now)
+                if state is RequestState.PAUSED else None
             ),
-            num_pauses=self._num_pauses.get(req.request_id, 0),
-            running_since=(
-                self._started_at.get(req.request_id) if state is RequestState.RUNNING else None
-            ),
+            num_pauses=track.num_pauses,
+            running_since=track.started_at if state is RequestState.RUNNING else None,
         )
 
     def _apply_plan(self) -> None:
@@ -210,7 +221,7 @@ class TokenFlowScheduler(Scheduler):
             views.append(self._view(r, RequestState.PAUSED if paused else RequestState.WAITING, now))
         cap = Capacity(max_running=self._max_running, max_loras=self._max_loras,
                        kv_blocks=self.cache_config.num_gpu_blocks, block_size=self.block_size,
-                       tokens_per_s=self._throughput.value)
+                       step_cost=self._step_cost.estimate)
         plan = self._policy(views, cap, now)
 
         running_by_id = {r.request_id: r for r in self.running}
@@ -230,19 +241,17 @@ class TokenFlowScheduler(Scheduler):
             self._preempt_request(req, stamp)  # prepends it to self.waiting
             self.waiting.remove_request(req)
             pool[req.request_id] = req
-            self._paused_since[req.request_id] = now
-            self._num_pauses[req.request_id] = self._num_pauses.get(req.request_id, 0) + 1
+            self._tracks[req.request_id] = self._track(req).paused(now)
             self.metrics.pauses.inc()
             self._dirty = True
 
         start = [pool[rid] for rid in plan.to_start if rid in pool]
         for req in start:
-            if self._parked.pop(req.request_id, None) is not None and req.request_id in self._paused_since:
-                self._resumed_at[req.request_id] = now
+            track = self._track(req)
+            if self._parked.pop(req.request_id, None) is not None and track.paused_since is not None:
                 self.metrics.resumes.inc()
                 self._dirty = True
-            self._paused_since.pop(req.request_id, None)
-            self._started_at[req.request_id] = now
+            self._tracks[req.request_id] = track.started(now)
         started = {r.request_id for r in start}
         for rid, req in pool.items():
             if rid not in started:

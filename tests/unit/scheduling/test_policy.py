@@ -15,6 +15,7 @@ from lorafleet.serving.scheduling import (
     Reason,
     RequestState,
     RequestView,
+    StepCost,
     TokenFlowParams,
     UnknownPolicyError,
     advance_reader,
@@ -83,36 +84,6 @@ def test_new_request_preempts_a_long_buffer_when_the_batch_is_full():
     assert d["short"].action is Action.KEEP_RUNNING and d["short"].reason is Reason.BUFFER_SHORT
     assert d["new"].action is Action.ADMIT and d["new"].reason is Reason.TTFT_URGENCY
     assert plan.to_pause == ("long",) and plan.to_start == ("new",)
-
-
-def test_reading_rate_budget_stops_pausing_for_newcomers_under_overload():
-    now = 20.0
-    long = view("long", R, first_token_time=1.0, generated_tokens=200, consumption_rate=5.0)
-    short = view("short", R, first_token_time=15.0, generated_tokens=30, consumption_rate=5.0)
-    new = view("new", W, arrival=19.9, consumption_rate=5.0)
-    # 10 tok/s of reading already started; a 15 tok/s engine (less 10 % headroom) has no room
-    # for another 5: the newcomer waits for a free slot and nobody is paused for it.
-    full = Capacity(max_running=2, max_loras=4, tokens_per_s=15.0)
-    d = by_id(decide_tokenflow([long, short, new], full, now))
-    assert d["long"].action is Action.KEEP_RUNNING
-    assert d["new"].action is Action.DEFER and d["new"].reason is Reason.OVER_BUDGET
-    # Past the wait bound too (started answers are finite: the budget frees).
-    late = dataclasses.replace(new, arrival=0.0)
-    assert by_id(decide_tokenflow([long, short, late], full, now))["new"].reason is Reason.OVER_BUDGET
-    # A free slot is still taken.
-    roomy = Capacity(max_running=3, max_loras=4, tokens_per_s=15.0)
-    assert by_id(decide_tokenflow([long, short, new], roomy, now))["new"].action is Action.ADMIT
-    # Within budget, the long buffer is paused for it as before.
-    fast = Capacity(max_running=2, max_loras=4, tokens_per_s=100.0)
-    d = by_id(decide_tokenflow([long, short, new], fast, now))
-    assert d["long"].action is Action.PAUSE and d["new"].action is Action.ADMIT
-    # The budget is filled in arrival order; 1.0 headroom turns it off.
-    first = view("first", W, arrival=19.0, consumption_rate=2.0)
-    d = by_id(decide_tokenflow([long, short, first, new],
-                               Capacity(max_running=2, max_loras=4, tokens_per_s=14.0), now))
-    assert d["first"].action is Action.ADMIT and d["new"].reason is Reason.OVER_BUDGET
-    off = TokenFlowParams(rate_headroom=1.0)
-    assert by_id(decide_tokenflow([long, short, new], full, now, off))["new"].action is Action.ADMIT
 
 
 def test_two_streams_with_similar_buffers_do_not_trade_places_every_step():
@@ -260,7 +231,9 @@ def snapshots(draw):
         ))
     cap = Capacity(max_running=draw(st.integers(1, 8)), max_loras=max_loras,
                    kv_blocks=draw(st.one_of(st.none(), st.integers(1, 200))),
-                   tokens_per_s=draw(st.one_of(st.none(), st.floats(1.0, 200.0))))
+                   step_cost=draw(st.one_of(st.none(), st.builds(
+                       StepCost, st.floats(0.001, 0.1), st.floats(0.0, 0.05),
+                       st.floats(0.0, 0.01)))))
     return views, cap, now
 
 
@@ -273,12 +246,15 @@ def test_every_request_gets_exactly_one_decision_and_the_adapter_bound_holds(sna
     state = {v.request_id: v for v in views}
     runs = [d for d in plan.decisions if d.action in (Action.ADMIT, Action.RESUME, Action.KEEP_RUNNING)]
     assert len({state[d.request_id].adapter_id for d in runs} - {None}) <= cap.max_loras
-    # Only running requests are paused; only those whose buffer outlasts the threshold.
+    # Only running requests are paused; only those whose buffer outlasts the threshold, or
+    # streams past the reading-rate cap.
     p = TokenFlowParams()
     for d in plan.with_action(Action.PAUSE):
         v = state[d.request_id]
         assert v.state is R and v.num_pauses < p.max_pauses_per_request
-        if v.streaming:
+        if d.reason is Reason.RATE_CAP:
+            assert v.streaming and cap.step_cost is not None
+        elif v.streaming:
             assert time_to_stall(v, now) > p.pause_min_buffer_s
     # New work only starts where a slot is free (protected running requests may overflow).
     started = plan.with_action(Action.ADMIT, Action.RESUME)
@@ -309,11 +285,11 @@ def workloads(draw):
 @settings(max_examples=60, deadline=None)
 def test_simulated_bounded_load_nobody_waits_forever_and_pauses_are_bounded(wl):
     """A toy engine (10 tok/s per running request) driven by the policy for 120 s, with or
-    without the reading-rate budget (the engine's true throughput)."""
+    without the reading-rate cap (the engine's true step cost)."""
     arrivals, slots, max_loras, budget = wl
     p = TokenFlowParams(max_wait_s=5.0, max_pause_s=6.0)
     cap = Capacity(max_running=slots, max_loras=max_loras,
-                   tokens_per_s=10.0 * slots if budget else None)
+                   step_cost=StepCost(0.1, 0.0, 0.0) if budget else None)
     dt = 0.1
     views = {
         f"r{i}": RequestView(request_id=f"r{i}", arrival=a, state=W, prompt_tokens=10,
