@@ -239,8 +239,10 @@ def decide_tokenflow(
     order.sort(key=lambda o: (o[0], o[1], o[2], o[3].view.request_id))
     for cls, _, _, s in order:
         v = s.view
+        # The cap is checked on the batch built so far plus this request: the batch it would
+        # run in if nothing after it were taken (streams not yet decided are not counted).
         if cls == 1:  # its slot is reserved; only the rate cap can take it
-            if fits(cap, p, taken, demand + reads(v)):
+            if fits(cap, p, len(selected) + 1, demand + reads(v)):
                 demand += reads(v)
                 selected.append(Decision(v.request_id, Action.KEEP_RUNNING, Reason.BUFFER_SHORT))
             else:
@@ -255,7 +257,7 @@ def decide_tokenflow(
             refusal = Reason.LORA_SLOTS_FULL
         elif cap.kv_blocks is not None and blocks + need > cap.kv_blocks and taken > 0:
             refusal = Reason.KV_FULL
-        elif not fits(cap, p, taken + 1, demand + reads(v)):
+        elif not fits(cap, p, len(selected) + 1, demand + reads(v)):
             refusal = Reason.RATE_CAP
         if refusal is None:
             take(v)

@@ -148,3 +148,9 @@ async def test_paused_requests_come_back_from_the_offload_tiers(tiny_model, adap
     assert off[bytes_in] > 0 and off[bytes_out] >= off[bytes_in]
     assert ev[out] > 0 and ev.get(into, 0) < off[into]
     assert ev.get("lorafleet_kv_offload_resumes{result=recomputed}", 0) > 0
+    # The step-cost model learned from the real engine's own steps (prefill included) and
+    # the engine core exported it.
+    cost = {k.split("term=")[1].rstrip("}"): v for k, v in off.items()
+            if k.startswith("lorafleet_scheduler_step_cost_seconds")}
+    assert set(cost) == {"base", "per_sequence", "per_token"} and sum(cost.values()) > 0, off
+    assert off["lorafleet_scheduler_full_batch_tokens_per_second"] > 0
