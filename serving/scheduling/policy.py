@@ -169,12 +169,14 @@ def reads(v: RequestView) -> float:
     return v.consumption_rate if v.streaming and v.generated_tokens > 0 else 0.0
 
 
-def fits(cap: Capacity, p: TokenFlowParams, sequences: int, demand: float) -> bool:
-    """Whether a batch of ``sequences`` can feed readers that take ``demand`` tokens/s in all,
-    with ``rate_headroom`` to spare (always, when the step cost is unknown)."""
-    if cap.step_cost is None or p.rate_headroom >= 1.0 or demand <= 0:
+def fits(cap: Capacity, p: TokenFlowParams, sequences: int, demand: float, add: float) -> bool:
+    """Whether a batch of ``sequences`` can feed readers taking ``demand + add`` tokens/s in
+    all, with ``rate_headroom`` to spare. Always when the step cost is unknown, and for the
+    first reader of a batch: one stream the engine cannot keep up with still runs (alone)."""
+    if cap.step_cost is None or p.rate_headroom >= 1.0 or add <= 0 or demand <= 0:
         return True
-    return demand <= (1.0 - p.rate_headroom) * cap.step_cost.decode_tokens_per_s(max(1, sequences))
+    total = demand + add
+    return total <= (1.0 - p.rate_headroom) * cap.step_cost.decode_tokens_per_s(max(1, sequences))
 
 
 def decide_tokenflow(
@@ -242,7 +244,7 @@ def decide_tokenflow(
         # The cap is checked on the batch built so far plus this request: the batch it would
         # run in if nothing after it were taken (streams not yet decided are not counted).
         if cls == 1:  # its slot is reserved; only the rate cap can take it
-            if fits(cap, p, len(selected) + 1, demand + reads(v)):
+            if fits(cap, p, len(selected) + 1, demand, reads(v)):
                 demand += reads(v)
                 selected.append(Decision(v.request_id, Action.KEEP_RUNNING, Reason.BUFFER_SHORT))
             else:
@@ -257,7 +259,7 @@ def decide_tokenflow(
             refusal = Reason.LORA_SLOTS_FULL
         elif cap.kv_blocks is not None and blocks + need > cap.kv_blocks and taken > 0:
             refusal = Reason.KV_FULL
-        elif not fits(cap, p, len(selected) + 1, demand + reads(v)):
+        elif not fits(cap, p, len(selected) + 1, demand, reads(v)):
             refusal = Reason.RATE_CAP
         if refusal is None:
             take(v)

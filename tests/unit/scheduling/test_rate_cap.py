@@ -147,12 +147,12 @@ class Outcome:
 
 
 def simulate(policy: str, arrivals: list[tuple[float, int, float]], *, slots: int = 64,
-             horizon: float = 600.0) -> Outcome:
-    """Requests ``(arrival, max_tokens, reading rate)`` on :data:`ENGINE`; the policy sees the
+             horizon: float = 600.0, engine: StepCost = ENGINE) -> Outcome:
+    """Requests ``(arrival, max_tokens, reading rate)`` on ``engine``; the policy sees the
     true step cost. A started request gets one token per step it runs in; a pause keeps its
     KV (offloaded), so a resume costs one token of compute."""
     p = TokenFlowParams()
-    cap = Capacity(max_running=slots, max_loras=4, step_cost=ENGINE)
+    cap = Capacity(max_running=slots, max_loras=4, step_cost=engine)
     views = {f"r{i}": RequestView(request_id=f"r{i}", arrival=a, state=W, prompt_tokens=32,
                                   max_tokens=m, consumption_rate=c)
              for i, (a, m, c) in enumerate(arrivals)}
@@ -177,7 +177,7 @@ def simulate(policy: str, arrivals: list[tuple[float, int, float]], *, slots: in
             views[d.request_id] = views[d.request_id]
         tokens = sum(views[d.request_id].prompt_tokens if d.action is Action.ADMIT else 1
                      for d in runs)
-        t += ENGINE.step_s(len(runs), tokens) if runs else 0.01
+        t += engine.step_s(len(runs), tokens) if runs else 0.01
         for d in runs:
             v = views[d.request_id]
             g = v.generated_tokens + 1
@@ -253,3 +253,22 @@ def test_every_stream_finishes_and_no_wait_is_unbounded(work):
     out = simulate("tokenflow", sorted(work))
     bound = TokenFlowParams().max_pause_s + max(m for _, m, _ in work) / 2.0 * 2
     assert out.longest_gap <= bound
+
+
+def test_a_reader_faster_than_the_engine_still_runs_and_everyone_finishes():
+    """The engine gives one stream 5 tok/s, readers want 8: the cap can never be met, yet the
+    first reader of a batch always runs (alone), so nothing deadlocks."""
+    slow = StepCost(base_s=0.2, per_sequence_s=0.01, per_token_s=0.0)
+    cap = Capacity(max_running=8, max_loras=4, step_cost=slow)
+    a = stream("a", R, arrival=0.0, generated=8, first=9.0, rate=8.0)
+    b = stream("b", P, arrival=1.0, generated=8, first=9.0, rate=8.0, paused_since=9.5)
+    d = by_id(decide_tokenflow([a, b], cap, now=10.0))
+    assert d["a"][0] is Action.KEEP_RUNNING and d["b"] == (Action.KEEP_PAUSED, Reason.RATE_CAP)
+    d = by_id(decide_tokenflow([b], cap, now=10.0))
+    assert d["b"][0] is Action.RESUME
+
+
+def test_with_readers_faster_than_the_engine_every_stream_still_finishes():
+    slow = StepCost(base_s=0.2, per_sequence_s=0.01, per_token_s=0.0)
+    out = simulate("tokenflow", burst(6, 8.0, tokens=24), engine=slow)
+    assert all(len(t) == 24 for t in out.token_times.values())
