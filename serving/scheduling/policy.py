@@ -10,17 +10,19 @@ user notices. New requests: until their TTFT target; running/paused streams: the
 time-to-stall (paused ones minus their resume cost and a margin); non-streaming: time to their
 deadline minus the time their remaining tokens need. Slots go to the smallest slack first,
 within batch slots, KV blocks and ``max_loras`` distinct adapters. Running requests whose buffer
-is short are never paused; a request waiting or paused past a bound goes first (no starvation).
+is short are never paused for a rival; a request waiting or paused past a bound goes first (no
+starvation).
 
 Rotation only works while the engine feeds every running stream faster than its reader.
 A *reading-rate cap* keeps it so: the streams kept running (those with a first token) may
 together read at most ``1 - rate_headroom`` of what a batch of that size generates
 (``Capacity.step_cost``, learned from the engine's steps), so each one gains buffer while it
 runs. Newcomers are exempt until their first token (TTFT stays short); then they queue with
-the paused streams. Streams protected by a short buffer hold their slot against rivals but
-not against the cap: past it the youngest pause (``rate_cap``), the oldest keep running
-(finishing answers is what frees the cap). A paused stream takes a slot back from a running
-one whose buffer can spare it, or when it is overdue (``max_pause_s``).
+the paused streams. Streams that need to run (short buffer, or paused and due) get the cap in
+arrival order, so nobody is overtaken by a younger stream and nobody trades places every step;
+streams with buffer to spare take what is left, and yield their slot (``buffer_long``).
+Refused streams pause or stay paused with reason ``rate_cap``. When the cap has room for
+everyone no decision differs from the policy without it.
 
 Between streams already started, a stream admitted or resumed less than ``min_run_s`` ago
 ranks just ahead of the most urgent paused one: it yields its slot to newcomers and overdue
@@ -179,6 +181,46 @@ def fits(cap: Capacity, p: TokenFlowParams, sequences: int, demand: float, add: 
     return total <= (1.0 - p.rate_headroom) * cap.step_cost.decode_tokens_per_s(max(1, sequences))
 
 
+def rate_cap_winners(
+    reqs: list[RequestView], kept: list[RequestView], scored: dict[str, _Scored],
+    cap: Capacity, p: TokenFlowParams,
+) -> set[str] | None:
+    """Started streams the reading-rate cap lets run (``None``: no cap).
+
+    ``kept`` run whatever happens (counted first). Then the streams that need to run now,
+    in arrival order: running ones whose buffer is short, paused ones due to resume (slack
+    <= 0) or overdue; the first that does not fit ends the list (FCFS among them: nobody is
+    overtaken by a younger stream, and the order is stable, so nobody trades places every
+    step). Then, while room is left, streams with buffer to spare, most urgent first."""
+    if cap.step_cost is None or p.rate_headroom >= 1.0:
+        return None
+    kept_ids = {v.request_id for v in kept}
+    needy: list[RequestView] = []
+    spare: list[_Scored] = []
+    for v in reqs:  # arrival order
+        if reads(v) <= 0 or v.request_id in kept_ids or v.request_id not in scored:
+            continue
+        s = scored[v.request_id]
+        if s.reason is Reason.BUFFER_SHORT or s.forced or (
+                v.state is RequestState.PAUSED and s.slack <= 0):
+            needy.append(v)
+        else:
+            spare.append(s)
+    spare.sort(key=lambda s: (s.slack, s.view.arrival, s.view.request_id))
+    n, demand = len(kept), sum(reads(v) for v in kept)
+    winners: set[str] = set()
+    for v in needy:
+        if not fits(cap, p, n + 1, demand, reads(v)):
+            return winners
+        winners.add(v.request_id)
+        n, demand = n + 1, demand + reads(v)
+    for s in spare:
+        if fits(cap, p, n + 1, demand, reads(s.view)):
+            winners.add(s.view.request_id)
+            n, demand = n + 1, demand + reads(s.view)
+    return winners
+
+
 def decide_tokenflow(
     views: Iterable[RequestView], cap: Capacity, now: float, params: TokenFlowParams | None = None
 ) -> Plan:
@@ -193,7 +235,6 @@ def decide_tokenflow(
     adapters: Counter[str] = Counter()  # requests per adapter in the running set
     blocks = 0
     taken = 0
-    demand = 0.0  # tokens/s the readers of the streams kept or started so far take
 
     def take(v: RequestView, sign: int = 1) -> None:
         nonlocal taken, blocks
@@ -206,9 +247,10 @@ def decide_tokenflow(
 
     # 1. Running requests that may not be paused at all keep their slot whatever it costs.
     #    Those protected only by a short buffer hold their slot against rivals (reserved
-    #    here) but not against the reading-rate cap (checked below, oldest first).
+    #    here) but not against the reading-rate cap.
     contenders: list[_Scored] = []
     short: list[RequestView] = []
+    kept: list[RequestView] = []
     for v in running:
         why = _protected(v, now, p)
         if why is None:
@@ -218,8 +260,8 @@ def decide_tokenflow(
             take(v)  # reserved: released if the cap pauses it
         else:
             selected.append(Decision(v.request_id, Action.KEEP_RUNNING, why))
+            kept.append(v)
             take(v)
-            demand += reads(v)
 
     # 2. Everyone else competes by (forced first, slack, arrival, id).
     contenders += [_score(v, now, p, running_adapters) for v in reqs
@@ -233,19 +275,21 @@ def decide_tokenflow(
         if (v.state is RequestState.RUNNING and v.running_since is not None
                 and now - v.running_since < p.min_run_s and s.slack >= floor):
             contenders[i] = _Scored(v, False, floor - 1e-6, Reason.MIN_RUN)
-    # Overdue requests first, then the short-buffer incumbents (oldest first: finishing
-    # answers is what frees the rate cap), then the rest by slack.
+    scored = {s.view.request_id: s for s in contenders}
+    scored.update({v.request_id: _Scored(v, False, 0.0, Reason.BUFFER_SHORT) for v in short})
+    winners = rate_cap_winners(reqs, kept, scored, cap, p)
+
+    def over_cap(v: RequestView) -> bool:
+        return winners is not None and reads(v) > 0 and v.request_id not in winners
+    # Overdue requests first, then the short-buffer incumbents, then the rest by slack.
     order = [(0, s.view.arrival, 0.0, s) for s in contenders if s.forced]
     order += [(1, v.arrival, 0.0, _Scored(v, False, 0.0, Reason.BUFFER_SHORT)) for v in short]
     order += [(2, s.slack, s.view.arrival, s) for s in contenders if not s.forced]
     order.sort(key=lambda o: (o[0], o[1], o[2], o[3].view.request_id))
     for cls, _, _, s in order:
         v = s.view
-        # The cap is checked on the batch built so far plus this request: the batch it would
-        # run in if nothing after it were taken (streams not yet decided are not counted).
         if cls == 1:  # its slot is reserved; only the rate cap can take it
-            if fits(cap, p, len(selected) + 1, demand, reads(v)):
-                demand += reads(v)
+            if not over_cap(v):
                 selected.append(Decision(v.request_id, Action.KEEP_RUNNING, Reason.BUFFER_SHORT))
             else:
                 take(v, -1)
@@ -259,11 +303,10 @@ def decide_tokenflow(
             refusal = Reason.LORA_SLOTS_FULL
         elif cap.kv_blocks is not None and blocks + need > cap.kv_blocks and taken > 0:
             refusal = Reason.KV_FULL
-        elif not fits(cap, p, len(selected) + 1, demand, reads(v)):
+        elif over_cap(v):
             refusal = Reason.RATE_CAP
         if refusal is None:
             take(v)
-            demand += reads(v)
             action = {RequestState.RUNNING: Action.KEEP_RUNNING, RequestState.PAUSED: Action.RESUME,
                       RequestState.WAITING: Action.ADMIT}[v.state]
             selected.append(Decision(v.request_id, action, s.reason))
