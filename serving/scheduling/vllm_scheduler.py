@@ -210,8 +210,12 @@ class TokenFlowScheduler(Scheduler):
         # Only plain running/waiting requests are the policy's; requests blocked on grammar,
         # remote KV or streaming input, and KV-holding waiters, stay exactly where vLLM put them.
         movable = [r for r in self.waiting if r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)]
-        if not movable and not self._parked:
-            return  # nothing waits: nothing to pause for, nothing to reorder
+        step_cost = self._step_cost.estimate
+        if not movable and not self._parked and step_cost is None:
+            # Nothing waits and no reading-rate cap yet: nothing to pause, nothing to reorder.
+            # With a step cost the plan runs every step: the cap may pause a running stream
+            # even when nobody waits (a burst admitted in one step).
+            return
         fixed = [r for r in self.waiting if r.status not in (RequestStatus.WAITING, RequestStatus.PREEMPTED)]
         pool = {r.request_id: r for r in [*movable, *self._parked.values()]}
         views = [self._view(r, RequestState.RUNNING, now) for r in self.running
@@ -221,7 +225,7 @@ class TokenFlowScheduler(Scheduler):
             views.append(self._view(r, RequestState.PAUSED if paused else RequestState.WAITING, now))
         cap = Capacity(max_running=self._max_running, max_loras=self._max_loras,
                        kv_blocks=self.cache_config.num_gpu_blocks, block_size=self.block_size,
-                       step_cost=self._step_cost.estimate)
+                       step_cost=step_cost)
         plan = self._policy(views, cap, now)
 
         running_by_id = {r.request_id: r for r in self.running}

@@ -69,7 +69,11 @@ def scheduler(tiny_model: Path, clock: EngineClock) -> Any:
         tiny_model, max_num_seqs=64, num_blocks=2048, clock=clock), clock)
 
 
-def test_overload_pauses_newcomers_after_their_first_token_and_rotates(tiny_model: Path) -> None:
+@pytest.mark.parametrize("prompt_len", [8, 20])
+def test_overload_pauses_newcomers_after_their_first_token_and_rotates(
+        tiny_model: Path, prompt_len: int) -> None:
+    """Short prompts: the whole burst is admitted in one step and nothing waits afterwards,
+    yet the cap applies; longer ones: the burst's prefill spans two steps."""
     clock = EngineClock()
     s = scheduler(tiny_model, clock)
     # Learn the step cost on a light load first (a few streams, then a prefill burst).
@@ -85,7 +89,7 @@ def test_overload_pauses_newcomers_after_their_first_token_and_rotates(tiny_mode
     t0 = clock.now
     for i, rid in enumerate(ids):
         s.add_request(make_request(rid, arrival=t0 + 0.001 * i, consumption_rate=8.0,
-                                   max_tokens=64))
+                                   max_tokens=64, prompt_len=prompt_len))
     pauses: dict[str, int] = {}
     times = drive(s, clock, ids, horizon=t0 + 300.0, pauses=pauses)
     # Learned from its own steps (decode and prefill): close to the engine's true cost.
