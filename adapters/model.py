@@ -107,6 +107,9 @@ class ApiKey:
     key_hash: str
     created_at: float
     revoked: bool = False
+    # Who manages the key: None for the admin API and CLI, "operator" for keys the Kubernetes
+    # operator registers from a Tenant's Secrets. The operator revokes only its own.
+    owner: str | None = None
 
     def __post_init__(self) -> None:
         validate_name(self.tenant, "tenant name")
@@ -124,6 +127,7 @@ class ApiKey:
             key_hash=data["key_hash"],
             created_at=float(data["created_at"]),
             revoked=bool(data.get("revoked", False)),
+            owner=data.get("owner"),
         )
 
 

@@ -54,7 +54,7 @@ async def _bench(n: int, data_dir: Path, work: Path) -> dict[str, Any]:
     from lorafleet.serving.engine.client import LocalEngineClient
     from lorafleet.serving.engine.vllm_engine import VLLMEngine
 
-    from .emulation import run_operator, secret_manifest
+    from .emulation import NAMESPACE, run_operator, secret_manifest
     from .serving_client import ServingClient
     from .settings import OperatorConfig
     from .tenant_store import RegistryTenantStore
@@ -83,7 +83,8 @@ async def _bench(n: int, data_dir: Path, work: Path) -> dict[str, Any]:
                             replicas_ttl=0.5)
     key, _ = generate_key()
     results: dict[str, Any] = {"adapters": n}
-    op_config = OperatorConfig(resync_seconds=30.0, tenant_resync_seconds=60.0)
+    op_config = OperatorConfig(resync_seconds=30.0, tenant_resync_seconds=60.0,
+                               tenant_namespaces={NAMESPACE: ("*",)})
     try:
         async with run_operator(serving, RegistryTenantStore(services.registry),
                                 config=op_config, trim_request_log=True) as cluster:

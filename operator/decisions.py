@@ -31,6 +31,7 @@ __all__ = [
     "TenantPhase",
     "adapter_status_patch",
     "decide_adapter_action",
+    "decide_tenant_binding",
     "decide_cleanup",
     "decide_key_changes",
     "parse_adapter_spec",
@@ -305,6 +306,30 @@ def decide_cleanup(observed: Observed) -> Decision:
         return Decision(Action.UNREGISTER, Phase.DELETING, "Deleting",
                         "unloading everywhere and unregistering")
     return Decision(Action.DONE, Phase.DELETING, "Unregistered", "serving forgot the adapter")
+
+
+def decide_tenant_binding(tenant: str, namespace: str | None,
+                          bindings: Mapping[str, Sequence[str]]) -> str | None:
+    """Why the objects of `namespace` may not act for `tenant`; None when they may.
+
+    Rule: a namespace listed in `bindings` acts for the tenants listed there (`*`: any), any
+    other namespace only for the tenant named like itself. Why: tenant names are cluster-wide
+    (one registry) while Kubernetes grants rights per namespace; without a binding, whoever may
+    create a LoRAAdapter or a Tenant in any namespace could replace another tenant's adapters
+    or add keys to it.
+    """
+    if not namespace:
+        return "a LoRAFleet object outside any namespace acts for no tenant"
+    allowed = bindings.get(namespace)
+    if allowed is None:
+        if tenant == namespace:
+            return None
+        return (f"objects in namespace {namespace!r} act only for tenant {namespace!r}, not "
+                f"{tenant!r} (the operator's tenant_namespaces setting can bind others)")
+    if "*" in allowed or tenant in allowed:
+        return None
+    return (f"objects in namespace {namespace!r} act only for tenants "
+            f"{', '.join(sorted(allowed)) or '(none)'}, not {tenant!r}")
 
 
 def decide_key_changes(desired: Mapping[str, str], registered: Mapping[str, str]) -> KeyPlan:

@@ -27,6 +27,10 @@ __all__ = ["CRD_DIR", "NAMESPACE", "Cluster", "declare_resources", "load_crds", 
 
 CRD_DIR = Path(__file__).resolve().parents[1] / "charts" / "lorafleet" / "crds"
 NAMESPACE = "ns1"
+# Namespaces the emulator has and the operator watches: NAMESPACE (bound to every tenant by
+# the default test config, as an operator watching only its own namespace is) and two that
+# are bound only to the tenant of their own name.
+NAMESPACES = (NAMESPACE, "team-a", "team-b")
 
 
 def load_crds(crd_dir: Path = CRD_DIR) -> dict[str, dict[str, Any]]:
@@ -57,8 +61,9 @@ def declare_resources(k8s: Any) -> None:
     k8s.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
         kind="CustomResourceDefinition", singular="customresourcedefinition",
         namespaced=False, verbs=verbs)
-    k8s.objects["v1/namespaces", None, NAMESPACE] = {
-        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}
+    for namespace in NAMESPACES:
+        k8s.objects["v1/namespaces", None, namespace] = {
+            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
 
 
 class Cluster:
@@ -67,32 +72,34 @@ class Cluster:
     def __init__(self, k8s: Any) -> None:
         self.k8s = k8s
 
-    def _url(self, resource: str, name: str | None = None) -> str:
+    def _url(self, resource: str, name: str | None = None, namespace: str = NAMESPACE) -> str:
         group_version, plural = resource.rsplit("/", 1)
         prefix = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
-        return f"{prefix}/namespaces/{NAMESPACE}/{plural}" + (f"/{name}" if name else "")
+        return f"{prefix}/namespaces/{namespace}/{plural}" + (f"/{name}" if name else "")
 
-    async def apply(self, resource: str, body: dict[str, Any]) -> None:
-        body = {**body, "metadata": {**body["metadata"], "namespace": NAMESPACE,
-                                     "generation": 1, "uid": body["metadata"]["name"], "resourceVersion": "1",
+    async def apply(self, resource: str, body: dict[str, Any], namespace: str = NAMESPACE) -> None:
+        body = {**body, "metadata": {**body["metadata"], "namespace": namespace,
+                                     "generation": 1,
+                                     "uid": f"{namespace}.{body['metadata']['name']}",
+                                     "resourceVersion": "1",
                                      "creationTimestamp": "2026-11-25T00:00:00Z"}}
-        resp = await self.k8s.post(self._url(resource), json=body)
+        resp = await self.k8s.post(self._url(resource, namespace=namespace), json=body)
         assert resp.status < 300, await resp.text()
 
     async def patch_spec(self, resource: str, name: str, spec: dict[str, Any],
-                         generation: int) -> None:
-        resp = await self.k8s.patch(self._url(resource, name),
+                         generation: int, namespace: str = NAMESPACE) -> None:
+        resp = await self.k8s.patch(self._url(resource, name, namespace),
                                     json={"spec": spec, "metadata": {"generation": generation}},
                                     headers={"Content-Type": "application/merge-patch+json"})
         assert resp.status < 300, await resp.text()
 
-    async def delete(self, resource: str, name: str) -> None:
-        resp = await self.k8s.delete(self._url(resource, name))
+    async def delete(self, resource: str, name: str, namespace: str = NAMESPACE) -> None:
+        resp = await self.k8s.delete(self._url(resource, name, namespace))
         assert resp.status < 300, await resp.text()
 
-    def get(self, resource: str, name: str) -> dict[str, Any] | None:
+    def get(self, resource: str, name: str, namespace: str = NAMESPACE) -> dict[str, Any] | None:
         try:
-            obj = self.k8s.objects[resource, NAMESPACE, name]
+            obj = self.k8s.objects[resource, namespace, name]
         except KeyError:
             return None
         if obj.deleted:
@@ -151,7 +158,8 @@ async def run_operator(client: ServingClient, tenant_store: Any, k8s: Any = None
             k8s = await stack.enter_async_context(kmock.KubernetesEmulator())
             await stack.enter_async_context(kmock.Server(k8s))
             declare_resources(k8s)
-        config = config or OperatorConfig(resync_seconds=0.5, tenant_resync_seconds=1.0)
+        config = config or OperatorConfig(resync_seconds=0.5, tenant_resync_seconds=1.0,
+                                          tenant_namespaces={NAMESPACE: ("*",)})
         deps = Dependencies(serving=client, tenants=tenant_store, config=config)
 
         def login(**_: Any) -> Any:
@@ -166,7 +174,7 @@ async def run_operator(client: ServingClient, tenant_store: Any, k8s: Any = None
         ready = asyncio.Event()
         task = asyncio.create_task(kopf.operator(
             registry=make_registry(deps, login=login), settings=settings,
-            namespaces=[NAMESPACE], standalone=True, stop_flag=stop, ready_flag=ready))
+            namespaces=list(NAMESPACES), standalone=True, stop_flag=stop, ready_flag=ready))
         trimmer = (asyncio.create_task(_trim_request_log(k8s)) if trim_request_log else None)
         try:
             await asyncio.wait_for(ready.wait(), 10)

@@ -35,6 +35,7 @@ from .decisions import (
     decide_adapter_action,
     decide_cleanup,
     decide_key_changes,
+    decide_tenant_binding,
     parse_adapter_spec,
     retry_delay,
     set_condition,
@@ -90,10 +91,25 @@ def _write(patch: kopf.Patch, values: Mapping[str, Any]) -> None:
         patch.status[key] = value
 
 
+def _bound_spec(deps: Dependencies, name: str, namespace: str | None,
+                spec: Mapping[str, Any], generation: int = 1) -> AdapterSpec:
+    """The adapter spec, if its namespace may act for its tenant; else `ValueError`."""
+    aspec = parse_adapter_spec(name, spec, generation)
+    refusal = decide_tenant_binding(aspec.tenant, namespace, deps.config.tenant_namespaces)
+    if refusal is not None:
+        raise _NotBound(refusal)
+    return aspec
+
+
+class _NotBound(ValueError):
+    """The object's namespace may not act for the tenant it names."""
+
+
 async def reconcile_adapter(
     deps: Dependencies,
     *,
     name: str,
+    namespace: str | None,
     spec: Mapping[str, Any],
     status: Mapping[str, Any],
     meta: Mapping[str, Any],
@@ -106,12 +122,13 @@ async def reconcile_adapter(
     current = AdapterStatus.from_dict(status)
     now = deps.clock()
     try:
-        aspec = parse_adapter_spec(name, spec, generation)
+        aspec = _bound_spec(deps, name, namespace, spec, generation)
     except ValueError as exc:
+        reason = "TenantNotBound" if isinstance(exc, _NotBound) else "InvalidSpec"
         _write(patch, {"phase": Phase.FAILED.value, "message": str(exc),
                        "observedGeneration": generation, "failedGeneration": generation,
                        "conditions": set_condition(current.conditions, type_="Ready",
-                                                   status=False, reason="InvalidSpec",
+                                                   status=False, reason=reason,
                                                    message=str(exc), generation=generation,
                                                    now=now)})
         raise kopf.PermanentError(str(exc)) from exc
@@ -184,13 +201,15 @@ async def reconcile_adapter(
             retry, cap=deps.config.max_backoff_seconds)) from exc
 
 
-async def cleanup_adapter(deps: Dependencies, *, name: str, spec: Mapping[str, Any],
-                          patch: kopf.Patch) -> None:
+async def cleanup_adapter(deps: Dependencies, *, name: str, namespace: str | None,
+                          spec: Mapping[str, Any], patch: kopf.Patch) -> None:
     """Unload everywhere and unregister; the finalizer goes once serving forgot the adapter."""
     try:
-        aspec = parse_adapter_spec(name, spec)
+        aspec = _bound_spec(deps, name, namespace, spec)
     except ValueError:
-        return  # never acted on, nothing to clean up
+        # Never acted on; and an object naming a tenant its namespace is not bound to must
+        # not delete that tenant's adapter of the same name on its way out.
+        return
     try:
         for _ in range(2):
             adapter = await deps.serving.get_adapter(aspec.tenant, aspec.name)
@@ -313,8 +332,9 @@ def make_registry(
     async def adapter_changed(name: str, namespace: str | None, spec: Any, status: Any, meta: Any,
                               patch: kopf.Patch, retry: int, logger: Any, **_: Any) -> None:
         try:
-            await reconcile_adapter(deps, name=name, spec=spec, status=status, meta=meta,
-                                    patch=patch, retry=retry, logger=logger)
+            await reconcile_adapter(deps, name=name, namespace=namespace, spec=spec,
+                                    status=status, meta=meta, patch=patch, retry=retry,
+                                    logger=logger)
         finally:
             record_phase(namespace, name, status, patch)
 
@@ -325,7 +345,7 @@ def make_registry(
     @kopf.on.delete(GROUP, VERSION, ADAPTERS, registry=registry, id="cleanup")
     async def adapter_deleted(name: str, namespace: str | None, spec: Any, patch: kopf.Patch,
                               **_: Any) -> None:
-        await cleanup_adapter(deps, name=name, spec=spec, patch=patch)
+        await cleanup_adapter(deps, name=name, namespace=namespace, spec=spec, patch=patch)
         deps.phases.observe(namespace, name, None, deleted=True)
 
     @kopf.timer(GROUP, VERSION, ADAPTERS, registry=registry, id="placement",
@@ -336,8 +356,9 @@ def make_registry(
         if (status or {}).get("phase") not in (Phase.READY.value, Phase.LOADING.value):
             return
         try:
-            await reconcile_adapter(deps, name=name, spec=spec, status=status, meta=meta,
-                                    patch=patch, retry=int(kwargs.get("retry") or 0), logger=logger)
+            await reconcile_adapter(deps, name=name, namespace=kwargs.get("namespace"),
+                                    spec=spec, status=status, meta=meta, patch=patch,
+                                    retry=int(kwargs.get("retry") or 0), logger=logger)
         finally:
             record_phase(kwargs.get("namespace"), name, status, patch)
 
@@ -348,14 +369,30 @@ def make_registry(
         entries = _secret_key_entries(body)
         return {(namespace, name): entries} if entries else None
 
+    def tenant_refusal(name: str, namespace: str | None) -> str | None:
+        return decide_tenant_binding(name, namespace, config.tenant_namespaces)
+
     @kopf.index(GROUP, VERSION, TENANTS, registry=registry, id="lorafleet_tenant_secrets")
     def tenant_secrets(namespace: str | None, name: str, spec: Any, **_: Any) -> Any:
+        if tenant_refusal(name, namespace) is not None:
+            return None  # its Secrets' events must not sync a tenant it may not act for
         return {(namespace, ref["name"]): (name, dict(spec))
                 for ref in (spec.get("apiKeySecrets") or ())}
 
     async def tenant_changed(name: str, namespace: str | None, spec: Any, status: Any,
                              meta: Any, patch: kopf.Patch, **kwargs: Any) -> None:
         generation = int(meta.get("generation") or 1)
+        refusal = tenant_refusal(name, namespace)
+        if refusal is not None:
+            patch.status["phase"] = TenantPhase.FAILED.value
+            patch.status["keyCount"] = 0
+            patch.status["message"] = refusal
+            patch.status["observedGeneration"] = generation
+            patch.status["conditions"] = set_condition(
+                (status or {}).get("conditions") or (), type_="Ready", status=False,
+                reason="TenantNotBound", message=refusal, generation=generation,
+                now=deps.clock())
+            raise kopf.PermanentError(refusal)
         try:  # kopf passes each index as a keyword named after its id
             count, problems = await sync_tenant(deps, name=name, namespace=namespace, spec=spec,
                                                 secret_keys=kwargs["lorafleet_secret_keys"])
@@ -379,10 +416,13 @@ def make_registry(
     @kopf.timer(GROUP, VERSION, TENANTS, registry=registry, id="keys",
                 interval=config.tenant_resync_seconds, initial_delay=config.tenant_resync_seconds)
     async def tenant_resync(**kwargs: Any) -> None:
-        await tenant_changed(**kwargs)
+        if tenant_refusal(kwargs["name"], kwargs.get("namespace")) is None:
+            await tenant_changed(**kwargs)  # a refused one stays Failed until its spec changes
 
     @kopf.on.delete(GROUP, VERSION, TENANTS, registry=registry, id="cleanup")
-    async def tenant_deleted(name: str, **_: Any) -> None:
+    async def tenant_deleted(name: str, namespace: str | None, **_: Any) -> None:
+        if tenant_refusal(name, namespace) is not None:
+            return  # it never acted for that tenant; its deletion must not either
         # Revoke every key first: a deleted Tenant must not keep working for a moment longer.
         for key_id in await deps.tenants.list_keys(name):
             await deps.tenants.revoke_key(name, key_id)

@@ -22,6 +22,11 @@ class OperatorConfig(BaseSettings):
         default=None, description="Registry URL (redis://host:port/db or sqlite:///path) for tenant keys.")
     namespaces: tuple[str, ...] = Field(
         default=(), description="Namespaces to watch; empty means the whole cluster.")
+    tenant_namespaces: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict, description="Which tenants the LoRAAdapter and Tenant objects of a "
+        "namespace may act for, by namespace ('*': any tenant), e.g. "
+        "'{\"team-a\": [\"acme\", \"acme-dev\"]}'. A namespace not listed acts only for the "
+        "tenant named like itself.")
     resync_seconds: float = Field(
         default=15.0, gt=0, description="How often each adapter re-checks its placement on serving.")
     tenant_resync_seconds: float = Field(

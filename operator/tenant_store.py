@@ -17,7 +17,11 @@ from .errors import ServingUnavailable, SpecError
 if TYPE_CHECKING:
     from lorafleet.adapters.registry import Registry
 
-__all__ = ["MemoryTenantStore", "RegistryTenantStore", "TenantStore"]
+__all__ = ["OPERATOR_KEY_OWNER", "MemoryTenantStore", "RegistryTenantStore", "TenantStore"]
+
+# `ApiKey.owner` of the keys this operator registers. Keys made through the admin API (owner
+# None) are never listed to the Tenant sync, so it cannot revoke them.
+OPERATOR_KEY_OWNER = "operator"
 
 
 class TenantStore(Protocol):
@@ -27,7 +31,7 @@ class TenantStore(Protocol):
     async def delete_tenant(self, name: str) -> None: ...
 
     async def list_keys(self, tenant: str) -> dict[str, str]:
-        """Active (not revoked) keys of `tenant`: key_id -> key_hash."""
+        """Active (not revoked) keys of `tenant` that the operator manages: key_id -> key_hash."""
         ...
 
     async def add_key(self, tenant: str, key_id: str, key_hash: str) -> None: ...
@@ -102,20 +106,29 @@ class RegistryTenantStore:
     async def list_keys(self, tenant: str) -> dict[str, str]:
         async with self._errors():
             return {k.key_id: k.key_hash for k in await self._registry.list_keys(tenant)
-                    if not k.revoked}
+                    if not k.revoked and k.owner == OPERATOR_KEY_OWNER}
 
     async def add_key(self, tenant: str, key_id: str, key_hash: str) -> None:
+        """Register a key from a Secret as the operator's. The same key already active for
+        this tenant (made through the admin API, or registered before keys had owners) is
+        adopted: it is in the Secret now, so the Secret decides its life."""
         from lorafleet.adapters.errors import AlreadyExists
         from lorafleet.adapters.model import ApiKey
 
         async with self._errors():
             try:
-                await self._registry.add_key(ApiKey(key_id=key_id, tenant=tenant,
-                                                    key_hash=key_hash, created_at=self._clock()))
+                await self._registry.add_key(ApiKey(
+                    key_id=key_id, tenant=tenant, key_hash=key_hash, created_at=self._clock(),
+                    owner=OPERATOR_KEY_OWNER))
+                return
             except AlreadyExists as exc:
-                # A revoked key stays revoked (the registry keeps its id and hash).
-                raise SpecError(f"API key {key_id} was used before (revoked or another "
-                                "tenant's): put a new key in the Secret") from exc
+                existing = next((k for k in await self._registry.list_keys(tenant)
+                                 if k.key_id == key_id), None)
+                if existing is None or existing.revoked or existing.key_hash != key_hash:
+                    # A revoked key stays revoked (the registry keeps its id and hash).
+                    raise SpecError(f"API key {key_id} was used before (revoked or another "
+                                    "tenant's): put a new key in the Secret") from exc
+            await self._registry.set_key_owner(tenant, key_id, OPERATOR_KEY_OWNER)
 
     async def revoke_key(self, tenant: str, key_id: str) -> None:
         from lorafleet.adapters.errors import NotFound

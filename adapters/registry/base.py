@@ -53,6 +53,10 @@ class Registry(ABC):
     @abstractmethod
     async def list_keys(self, tenant: str) -> list[ApiKey]: ...
 
+    @abstractmethod
+    async def set_key_owner(self, tenant: str, key_id: str, owner: str | None) -> None:
+        """Record who manages a key (`ApiKey.owner`); `NotFound` if `tenant` has no such key."""
+
     # --- adapters ---
     @abstractmethod
     async def put_adapter(self, record: AdapterRecord) -> None: ...

@@ -188,6 +188,19 @@ class RedisRegistry(Registry):
 
         await self._transaction([key_k], body)
 
+    async def set_key_owner(self, tenant: str, key_id: str, owner: str | None) -> None:
+        key_k = self._k("key", key_id)
+
+        async def body(pipe: Pipeline) -> None:
+            raw = await pipe.get(key_k)
+            key = ApiKey.from_dict(json.loads(raw)) if raw else None
+            if key is None or key.tenant != tenant:
+                raise NotFound(f"key {key_id!r} of tenant {tenant!r} does not exist")
+            pipe.multi()
+            pipe.set(key_k, json.dumps({**key.to_dict(), "owner": owner}))
+
+        await self._transaction([key_k], body)
+
     async def list_keys(self, tenant: str) -> list[ApiKey]:
         async with self._guard():
             ids = _strs(await self._redis.smembers(self._k("tenant", tenant, "keys")))

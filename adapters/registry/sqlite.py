@@ -58,7 +58,15 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
     ALTER TABLE adapters ADD COLUMN secret_ref TEXT;
     ALTER TABLE adapters ADD COLUMN stored_at TEXT;
     """),
+    # Who manages a key (ApiKey.owner), in a table of its own: a pod of the previous version
+    # sharing this file still inserts five values into api_keys during a rolling upgrade.
+    (3, """
+    CREATE TABLE api_key_owners (
+        key_id TEXT PRIMARY KEY REFERENCES api_keys(key_id) ON DELETE CASCADE,
+        owner TEXT NOT NULL);
+    """),
 )
+_KEYS = "SELECT k.*, o.owner FROM api_keys k LEFT JOIN api_key_owners o USING (key_id)"
 
 _ADAPTER_COLUMNS = ("tenant, name, source, base_model, digest, rank, alpha, target_modules, "
                     "size_bytes, local_path, shared, created_at, secret_ref, stored_at")
@@ -73,7 +81,7 @@ def _tenant(row: sqlite3.Row) -> Tenant:
 
 def _key(row: sqlite3.Row) -> ApiKey:
     return ApiKey(row["key_id"], row["tenant"], row["key_hash"], row["created_at"],
-                  bool(row["revoked"]))
+                  bool(row["revoked"]), row["owner"])
 
 
 def _adapter(row: sqlite3.Row) -> AdapterRecord:
@@ -218,12 +226,14 @@ class SQLiteRegistry(Registry):
                               int(key.revoked)))
             except sqlite3.IntegrityError as exc:
                 raise AlreadyExists(f"key {key.key_id} (or its hash) already exists") from exc
+            if key.owner is not None:
+                conn.execute("INSERT INTO api_key_owners VALUES (?, ?)", (key.key_id, key.owner))
 
         await self._run(op, write=True)
 
     async def find_key(self, key_hash: str) -> ApiKey | None:
         row = await self._run(lambda c: c.execute(
-            "SELECT * FROM api_keys WHERE key_hash = ? AND revoked = 0", (key_hash,)).fetchone())
+            f"{_KEYS} WHERE k.key_hash = ? AND k.revoked = 0", (key_hash,)).fetchone())
         return _key(row) if row else None
 
     async def revoke_key(self, tenant: str, key_id: str) -> None:
@@ -235,9 +245,20 @@ class SQLiteRegistry(Registry):
 
         await self._run(op, write=True)
 
+    async def set_key_owner(self, tenant: str, key_id: str, owner: str | None) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            if conn.execute("SELECT 1 FROM api_keys WHERE tenant = ? AND key_id = ?",
+                            (tenant, key_id)).fetchone() is None:
+                raise NotFound(f"key {key_id!r} of tenant {tenant!r} does not exist")
+            conn.execute("DELETE FROM api_key_owners WHERE key_id = ?", (key_id,))
+            if owner is not None:
+                conn.execute("INSERT INTO api_key_owners VALUES (?, ?)", (key_id, owner))
+
+        await self._run(op, write=True)
+
     async def list_keys(self, tenant: str) -> list[ApiKey]:
         rows = await self._run(lambda c: c.execute(
-            "SELECT * FROM api_keys WHERE tenant = ? ORDER BY created_at, key_id",
+            f"{_KEYS} WHERE k.tenant = ? ORDER BY k.created_at, k.key_id",
             (tenant,)).fetchall())
         return [_key(r) for r in rows]
 

@@ -293,3 +293,27 @@ def test_docs_are_off_by_default_and_a_value_turns_them_on() -> None:
     assert docs_env({}) == set()
     assert docs_env({"serving": {"apiDocs": True}}) == {"true"}
     assert schema_errors({"serving": {"adminPort": 0}})
+
+
+# --- the operator's tenant bindings ----------------------------------------------------------
+
+
+def _operator_config(values: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Any:
+    from lorafleet.operator.settings import OperatorConfig
+
+    container = one(render(values), "Deployment", "-operator")["spec"]["template"]["spec"][
+        "containers"][0]
+    for e in container["env"]:
+        if e["name"].startswith("LORAFLEET_OPERATOR_") and "value" in e \
+                and "$(" not in e["value"]:
+            monkeypatch.setenv(e["name"], e["value"])
+    return OperatorConfig()
+
+
+def test_the_operator_binds_tenants_to_namespaces(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Default: the one watched namespace (the release's) acts for any tenant.
+    assert _operator_config({}, monkeypatch).tenant_namespaces == {NAMESPACE: ("*",)}
+    given = {"team-a": ["acme", "acme-dev"], "platform": ["*"]}
+    config = _operator_config({"operator": {"tenantNamespaces": given}}, monkeypatch)
+    assert config.tenant_namespaces == {k: tuple(v) for k, v in given.items()}
+    assert schema_errors({"operator": {"tenantNamespaces": {"team-a": ["Not A Name"]}}})

@@ -65,6 +65,7 @@ def test_adapter_id() -> None:
 @pytest.mark.parametrize("obj", [
     Tenant("alice", "Alice", Quota(4, 60, None), 2.0),
     ApiKey("0123abcd", "alice", "f" * 64, 3.0, revoked=True),
+    ApiKey("0123abce", "alice", "e" * 64, 3.0, owner="operator"),
     _record(target_modules=["q_proj"], shared=True),
     _record(source="s3://b/p", secret_ref="creds", stored_at="s3://store/x/" + "ab" * 32),
 ])

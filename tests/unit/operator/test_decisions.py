@@ -21,6 +21,7 @@ from lorafleet.operator.decisions import (
     decide_adapter_action,
     decide_cleanup,
     decide_key_changes,
+    decide_tenant_binding,
     parse_adapter_spec,
     retry_delay,
     set_condition,
@@ -239,3 +240,20 @@ def test_demand_adapter_is_proven_once_then_may_be_evicted() -> None:
     ready = AdapterStatus(phase=Phase.READY, observed_generation=spec.generation)
     evicted = decide_adapter_action(spec, ready, Observed(served(spec), 2))
     assert evicted.action is Action.READY
+
+
+@pytest.mark.parametrize(("tenant", "namespace", "bindings", "allowed"), [
+    ("team-a", "team-a", {}, True),  # unlisted namespace: the tenant of its own name
+    ("team-b", "team-a", {}, False),
+    ("acme", "team-a", {"team-a": ["acme", "acme-dev"]}, True),
+    ("team-a", "team-a", {"team-a": ["acme"]}, False),  # a listed namespace: exactly its list
+    ("anyone", "platform", {"platform": ["*"]}, True),
+    ("acme", "team-b", {"team-a": ["acme"]}, False),
+    ("acme", None, {"team-a": ["*"]}, False),
+])
+def test_tenant_binding(tenant: str, namespace: str | None, bindings: dict[str, list[str]],
+                        allowed: bool) -> None:
+    refusal = decide_tenant_binding(tenant, namespace, bindings)
+    assert (refusal is None) is allowed
+    if refusal is not None:
+        assert repr(tenant) in refusal or namespace is None
