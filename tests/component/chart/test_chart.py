@@ -68,7 +68,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "kuberay": {
         "serving": {"mode": "rayservice", "autoscaling": {"enabled": True, "maxReplicas": 8},
-                    "adapterStore": S3_STORE, "adapterSecrets": ADAPTER_SECRETS},
+                    "adapterStore": S3_STORE, "adapterSecrets": ADAPTER_SECRETS,
+                    "adminPort": 8081, "apiDocs": True},
         "rayService": {"appArgs": {"max_loras": 8}},
     },
     "external-redis": {
@@ -94,6 +95,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6},
             # The pods' cloud identity reads the bucket: no credentials Secret.
             "adapterStore": {"url": "s3://lorafleet-adapters/prod"},
+            "adminPort": 8081,
             "ingress": {"enabled": True, "className": "nginx",
                         "annotations": {"nginx.ingress.kubernetes.io/proxy-buffering": "off"},
                         "tls": [{"secretName": "lorafleet-tls", "hosts": ["lorafleet.example.com"]}]},
