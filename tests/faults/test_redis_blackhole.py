@@ -184,6 +184,71 @@ async def test_service_recovers_when_forwarding_resumes(ingress: Ingress) -> Non
     print(f"\n[blackhole] recovered {recovered:.2f} s after forwarding resumed")
 
 
+@pytest.mark.vllm
+async def test_over_http_known_tenants_keep_their_latency_and_unknown_keys_get_503(
+        engine: Any, engine_config: Any, tmp_path: Path) -> None:
+    """The same black hole under the whole app: a real (tiny) vLLM engine, the ingress built
+    by ``make_services`` on the Redis registry (so the Redis quota book too), over HTTP."""
+    import httpx
+
+    from lorafleet.serving.api.app import build_app
+    from lorafleet.serving.assemble import make_services
+    from lorafleet.serving.engine.client import LocalEngineClient
+
+    redis = Redis(tmp_path).start()
+    direct = RedisRegistry(redis.url)
+    proxy = await BlackholeProxy.start("127.0.0.1", redis.port)
+    services = make_services(
+        engine_config=engine_config, engines=LocalEngineClient([engine]),
+        registry_url=proxy.url, data_dir=tmp_path, admin_key="a" * 40,
+        tenancy=TenancySettings(lookup_timeout_s=DEADLINE_S, retry_after_s=RETRY_AFTER_S))
+    try:
+        await direct.put_tenant(Tenant("alice", "Alice", QUOTA))
+        alice = {"Authorization": await new_key(direct, "alice")}
+        body = {"model": engine_config.served_model_name, "max_tokens": 1, "temperature": 0,
+                "messages": [{"role": "user", "content": "hi"}]}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(services)),
+                                     base_url="http://lorafleet", timeout=60) as c:
+            async def chat() -> float:
+                started = time.monotonic()
+                r = await c.post("/v1/chat/completions", json=body, headers=alice)
+                assert r.status_code == 200, r.text
+                return time.monotonic() - started
+
+            async def unknown(i: int) -> float:
+                started = time.monotonic()
+                r = await c.get("/v1/models", headers={"Authorization": unknown_key(i)})
+                assert r.status_code == 503, r.text
+                return time.monotonic() - started
+
+            normal = [await chat() for _ in range(8)]
+            proxy.blackhole()
+            during, refused = [], []
+            ends = time.monotonic() + 4.0
+            i = 0
+            while time.monotonic() < ends:
+                during.append(await chat())
+                refused.append(await unknown(i))
+                i += 1
+            proxy.heal()
+        # Only breaker probes wait a deadline: the tenancy's (0.5 s) and the quota book's
+        # (its default 1 s deadline, probing every 2 s).
+        assert statistics.median(during) < statistics.median(normal) * 2 + 0.05, (normal, during)
+        assert len([t for t in during if t > statistics.median(normal) + 0.3]) <= 2 * 3 + 2
+        assert statistics.median(refused) < FAST_S / 3, refused
+        print(f"\n[blackhole http] chat p50 {statistics.median(normal) * 1000:.0f} ms before, "
+              f"{statistics.median(during) * 1000:.0f} ms during (max {max(during) * 1000:.0f} ms,"
+              f" {len(during)} requests); unknown-key 503 p50 "
+              f"{statistics.median(refused) * 1000:.1f} ms")
+    finally:
+        proxy.heal()
+        await services.quotas.close()
+        await services.registry.close()
+        await proxy.close()
+        await direct.close()
+        redis.stop()
+
+
 async def _quota_book_recovers(ingress: Ingress) -> bool:
     ends = time.monotonic() + RETRY_AFTER_S + 2 * DEADLINE_S + 1
     while ingress.quotas.degraded and time.monotonic() < ends:
