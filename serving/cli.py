@@ -203,7 +203,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"lorafleet serve: error: {e}") from None
     base = f"http://{settings.host}:{settings.port}"
     _wait_healthy(base + "/health", timeout=600)
-    _banner(base, served, keys, data_dir, time.monotonic() - started)
+    admin_url = (f"http://{settings.host}:{settings.admin_port}"
+                 if settings.admin_port is not None else None)
+    _banner(base, served, keys, data_dir, time.monotonic() - started, admin_url)
     stop = {"now": False}
 
     def _stop(*_: Any) -> None:
@@ -234,7 +236,8 @@ def _wait_healthy(url: str, timeout: float) -> None:
     raise SystemExit(f"server did not become healthy at {url} within {timeout:.0f}s")
 
 
-def _banner(base: str, served: str, keys: dict[str, str], data_dir: Path, took: float) -> None:
+def _banner(base: str, served: str, keys: dict[str, str], data_dir: Path, took: float,
+            admin_url: str | None = None) -> None:
     print(f"\nLoRAFleet is serving at {base}/v1 (ready in {took:.1f}s)")
     print(f"  base model: {served}")
     if keys:
@@ -244,6 +247,8 @@ def _banner(base: str, served: str, keys: dict[str, str], data_dir: Path, took: 
             adapters = ", ".join(DEMO_TENANTS.get(tenant, ("", ()))[1])
             print(f"  tenant {tenant:<6} key {key}   adapters: {adapters}")
     print(f"  admin key: in {data_dir / 'admin.key'}")
+    if admin_url:
+        print(f"  admin API: {admin_url}/admin/v1 only (admin commands: --url {admin_url})")
     if keys:
         tenant, key = next(iter(keys.items()))
         print(f"\nTry:\n  curl {base}/v1/chat/completions -H 'Authorization: Bearer {key}' "
