@@ -191,14 +191,23 @@ def rate_cap_winners(
     in arrival order: running ones whose buffer is short, paused ones due to resume (slack
     <= 0) or overdue; the first that does not fit ends the list (FCFS among them: nobody is
     overtaken by a younger stream, and the order is stable, so nobody trades places every
-    step). Then, while room is left, streams with buffer to spare, most urgent first."""
+    step). Then, while room is left, streams with buffer to spare, most urgent first.
+
+    A stream whose reader is faster than the engine can generate for one stream alone cannot
+    be kept on time at any batch size: the cap does not hold it back (holding it back would
+    only shrink the batch, down to one stream, and cut throughput for no on-time token)."""
     if cap.step_cost is None or p.rate_headroom >= 1.0:
         return None
+    solo = (1.0 - p.rate_headroom) * cap.step_cost.stream_tokens_per_s(1)
     kept_ids = {v.request_id for v in kept}
     needy: list[RequestView] = []
     spare: list[_Scored] = []
+    exempt: set[str] = set()
     for v in reqs:  # arrival order
         if reads(v) <= 0 or v.request_id in kept_ids or v.request_id not in scored:
+            continue
+        if reads(v) > solo:
+            exempt.add(v.request_id)
             continue
         s = scored[v.request_id]
         if s.reason is Reason.BUFFER_SHORT or s.forced or (
@@ -207,8 +216,8 @@ def rate_cap_winners(
         else:
             spare.append(s)
     spare.sort(key=lambda s: (s.slack, s.view.arrival, s.view.request_id))
-    n, demand = len(kept), sum(reads(v) for v in kept)
-    winners: set[str] = set()
+    n, demand = len(kept) + len(exempt), sum(reads(v) for v in kept)
+    winners: set[str] = set(exempt)
     for v in needy:
         if not fits(cap, p, n + 1, demand, reads(v)):
             return winners
