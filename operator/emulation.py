@@ -27,9 +27,10 @@ __all__ = ["CRD_DIR", "NAMESPACE", "Cluster", "declare_resources", "load_crds", 
 
 CRD_DIR = Path(__file__).resolve().parents[1] / "charts" / "lorafleet" / "crds"
 NAMESPACE = "ns1"
-# Namespaces the emulator has and the operator watches: NAMESPACE (bound to every tenant by
-# the default test config, as an operator watching only its own namespace is) and two that
-# are bound only to the tenant of their own name.
+# Namespaces the emulator has: NAMESPACE (bound to every tenant by the default test config,
+# as an operator watching only its own namespace is) and two bound only to the tenant of their
+# own name. The operator watches NAMESPACE unless told more: each watched namespace costs
+# three more watch streams, and kmock's cost grows with its request log.
 NAMESPACES = (NAMESPACE, "team-a", "team-b")
 
 
@@ -146,8 +147,10 @@ async def _trim_request_log(k8s: Any, keep: int = 64) -> None:
 @contextlib.asynccontextmanager
 async def run_operator(client: ServingClient, tenant_store: Any, k8s: Any = None,
                        config: OperatorConfig | None = None,
-                       trim_request_log: bool = False) -> AsyncIterator[Cluster]:
-    """The emulator with our CRDs declared, and the real kopf operator running against it.
+                       trim_request_log: bool = False,
+                       namespaces: tuple[str, ...] = (NAMESPACE,)) -> AsyncIterator[Cluster]:
+    """The emulator with our CRDs declared, and the real kopf operator running against it,
+    watching `namespaces` (some of NAMESPACES).
 
     Pass a running emulator (`k8s`) to start another operator on the same objects (a restart).
     """
@@ -174,7 +177,7 @@ async def run_operator(client: ServingClient, tenant_store: Any, k8s: Any = None
         ready = asyncio.Event()
         task = asyncio.create_task(kopf.operator(
             registry=make_registry(deps, login=login), settings=settings,
-            namespaces=list(NAMESPACES), standalone=True, stop_flag=stop, ready_flag=ready))
+            namespaces=list(namespaces), standalone=True, stop_flag=stop, ready_flag=ready))
         trimmer = (asyncio.create_task(_trim_request_log(k8s)) if trim_request_log else None)
         try:
             await asyncio.wait_for(ready.wait(), 10)
