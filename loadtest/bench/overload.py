@@ -97,24 +97,21 @@ def _fmt(v: float | None, spec: str = ".3g") -> str:
 
 
 def print_family(fam: dict[str, Any], console: Console) -> None:
-    table = Table(title="bench overload: tokenflow against fcfs and stock vLLM, by load point")
-    for col in ("phase", "streams", "demand/cap", "measured"):
-        table.add_column(col, justify="right")
+    """One table per figure: a row per load point, a column per system and the ratios."""
     systems = sorted({s for r in fam["rows"] for s in r["systems"]})
     for label, _, goal, _ in FIGURES:
-        for s in systems:
-            table.add_column(f"{label} {s}", justify="right")
-        table.add_column(f"{label} tf/fcfs" + (f" (goal {goal:g})" if goal else ""), justify="right")
-        table.add_column(f"{label} tf/vllm", justify="right")
-    for r in fam["rows"]:
-        cells = [r["phase"], str(r["streams"]), _fmt(r["demand/capacity (nominal)"], ".2f"),
-                 _fmt(r["demand/capacity (fcfs measured)"], ".2f")]
-        for label, _, _, _ in FIGURES:
-            cells += [_fmt(r["systems"].get(s, {}).get(label)) for s in systems]
+        table = Table(title=f"bench overload: {label}")
+        for col in ("phase", "streams", "demand/cap", "measured", *systems,
+                    "tf/fcfs" + (f" (goal {goal:g})" if goal else ""), "tf/vllm"):
+            table.add_column(col, justify="right")
+        for r in fam["rows"]:
             rat = r["ratios"].get(label, {})
-            cells += [_fmt(rat.get("tokenflow/fcfs"), ".2f"), _fmt(rat.get("tokenflow/vllm"), ".2f")]
-        table.add_row(*cells)
-    console.print(table)
+            table.add_row(
+                r["phase"], str(r["streams"]), _fmt(r["demand/capacity (nominal)"], ".2f"),
+                _fmt(r["demand/capacity (fcfs measured)"], ".2f"),
+                *(_fmt(r["systems"].get(s, {}).get(label)) for s in systems),
+                _fmt(rat.get("tokenflow/fcfs"), ".2f"), _fmt(rat.get("tokenflow/vllm"), ".2f"))
+        console.print(table)
     for system, counters in fam["server_counters"].items():
         if counters:
             console.print(f"{system} decisions: " + ", ".join(
