@@ -97,6 +97,9 @@ def write_adapter(path: Path, *, base: str = "SmolLM2-135M-Instruct", rank: int 
     return path
 
 
+_write_adapter = write_adapter
+
+
 def _tar_of(archive: Path, members: list[tuple[tarfile.TarInfo, bytes]],
             fmt: int = tarfile.GNU_FORMAT) -> Path:
     with tarfile.open(archive, "w:gz", format=fmt) as tar:
@@ -106,15 +109,20 @@ def _tar_of(archive: Path, members: list[tuple[tarfile.TarInfo, bytes]],
     return archive
 
 
-def hostile_corpus(root: Path) -> dict[str, tuple[Path, str]]:
+def hostile_corpus(root: Path, *, base: str = "SmolLM2-135M-Instruct",
+                   model: dict[str, Any] = SMOLLM2_CONFIG) -> dict[str, tuple[Path, str]]:
     """Adapters that intake must refuse, each with the refusal code it must get.
 
-    Built for the SmolLM2 base (`write_model_config`) and a rank limit of 32 (the engine's
-    default `max_lora_rank`). Every one is small on disk; what makes it hostile is what reading
-    or judging it would cost, or what it would do, if intake were naive.
+    Built for the base model `model` served as `base` (default: SmolLM2, as
+    `write_model_config` writes it) and a rank limit of at most 32 (the engine's default
+    `max_lora_rank`). Every one is small on disk; what makes it hostile is what reading or
+    judging it would cost, or what it would do, if intake were naive.
     """
     root.mkdir(parents=True, exist_ok=True)
     corpus: dict[str, tuple[Path, str]] = {}
+
+    def write_adapter(path: Path, **kwargs: Any) -> Path:
+        return _write_adapter(path, **{"base": base, "model": model, **kwargs})
 
     pickle_dir = write_adapter(root / "pickle")
     (pickle_dir / "adapter_model.bin").write_bytes(b"\x80\x04cos\nsystem\n.")  # unpickling runs code
