@@ -212,3 +212,50 @@ async def test_keys_are_stored_hashed_in_redis(services: Any, tmp_path: Path) ->
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def _prefix_cache_hits() -> float:
+    """vLLM's own counter of prompt tokens served from the prefix cache (this process)."""
+    from prometheus_client import REGISTRY
+
+    return sum(s.value for m in REGISTRY.collect() for s in m.samples
+               if s.name == "vllm:prefix_cache_hits_total")
+
+
+async def test_a_tenant_cannot_time_another_tenants_prompt_prefix(
+    client: httpx.AsyncClient, tenants: dict[str, str]
+) -> None:
+    """The prefix cache is salted per tenant (issue 19 item 6): when bob sends exactly the
+    prompt alice just sent, none of it comes from the cache, so his time to first token is
+    that of a miss. Proved by vLLM's hit counter, and measured as bob would: the latency of a
+    one-token answer to a 448-token prompt, as a probe, as a miss and as alice's own hit."""
+    import random
+    import statistics
+    import time
+
+    rng = random.Random(6)
+
+    async def one_token(key: str, prompt: list[int]) -> tuple[float, float]:
+        hits = _prefix_cache_hits()
+        started = time.perf_counter()
+        r = await client.post("/v1/completions", headers=auth(key), json={
+            "model": TINY_MODEL_NAME, "prompt": prompt, "max_tokens": 1, "temperature": 0})
+        assert r.status_code == 200, r.text
+        return time.perf_counter() - started, _prefix_cache_hits() - hits
+
+    probe, miss, hit = [], [], []
+    for _ in range(8):
+        secret = [rng.randrange(100, 30_000) for _ in range(448)]
+        t, cached = await one_token(tenants["bob"], [rng.randrange(100, 30_000) for _ in range(448)])
+        miss.append(t)
+        await one_token(tenants["alice"], secret)  # alice's prompt is now in the cache
+        t, cached = await one_token(tenants["bob"], secret)
+        assert cached == 0, "bob's request was served from alice's cached prefix"
+        probe.append(t)
+        t, cached = await one_token(tenants["alice"], secret)
+        assert cached >= 400, "alice's own repeat must hit her cache (else the probe proves nothing)"
+        hit.append(t)
+    p, m, h = (statistics.median(x) * 1e3 for x in (probe, miss, hit))
+    print(f"\nprefix-cache probe (median ms): bob on alice's prefix {p:.1f}, miss {m:.1f}, "
+          f"alice's own hit {h:.1f}")
+    assert abs(p - m) < abs(p - h), "bob's probe looks like a cache hit"
