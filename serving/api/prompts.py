@@ -12,12 +12,15 @@ refused without being tokenized; the rest are tokenized off the event loop.
 
 from __future__ import annotations
 
+import contextlib
+import json
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from jinja2 import TemplateError
+
 from .errors import ContextLengthExceeded, InvalidRequest
-from .schemas import ChatMessage
 
 # NFKC can turn a 3-byte character into a 1-byte one; 4 leaves room for any normaliser.
 _NORMALISATION_SHRINK = 4
@@ -86,22 +89,42 @@ class PromptRenderer:
                 param=param,
             )
 
-    def chat(self, messages: list[ChatMessage], max_tokens: int | None) -> RenderedPrompt:
-        conversation = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in messages
-        ]
-        ids = self.tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=True
-        )
+    def chat(self, messages: list[Any], max_tokens: int | None, *, tools: list[Any] | None = None,
+             documents: list[Any] | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False) -> RenderedPrompt:
+        """Render OpenAI messages (dicts, as vLLM's request model leaves them) with the
+        model's chat template, as vLLM does: text parts joined by newlines, ``developer``
+        as ``system``, tool-call arguments handed to the template as objects."""
+        conversation = [_template_message(m) for m in messages]
+        extra: dict[str, Any] = {}
+        if tools:
+            extra["tools"] = tools
+        if documents:
+            extra["documents"] = documents
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, tokenize=True, **extra,
+            )
+        except (TemplateError, ValueError, TypeError, KeyError, IndexError) as e:
+            # The template rejects what it cannot render (roles out of order, a tool message
+            # for a model without tools, no final message to continue): the client's doing.
+            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise InvalidRequest(f"The chat template cannot render these messages: {reason}",
+                                 param="messages") from e
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         ids = tuple(int(t) for t in ids)
         return RenderedPrompt(ids, decide_max_tokens(len(ids), max_tokens, self.max_model_len))
 
-    def completion(self, prompt: str | list[int], max_tokens: int | None) -> RenderedPrompt:
+    def prompt_text(self, prompt: str | list[int]) -> str:
+        """The text of a completion prompt (echo): as sent, or its token ids decoded."""
+        return prompt if isinstance(prompt, str) else str(self.tokenizer.decode(prompt))
+
+    def completion(self, prompt: str | list[int], max_tokens: int | None,
+                   add_special_tokens: bool = True) -> RenderedPrompt:
         if isinstance(prompt, str):
-            ids = tuple(self.tokenizer.encode(prompt, add_special_tokens=False))
+            ids = tuple(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
         else:
             vocab = self.vocab_size()
             if any(t < 0 or t >= vocab for t in prompt):
@@ -110,3 +133,37 @@ class PromptRenderer:
         if not ids:
             raise InvalidRequest("The prompt is empty.", param="prompt")
         return RenderedPrompt(ids, decide_max_tokens(len(ids), max_tokens, self.max_model_len))
+
+
+def message_text(content: Any) -> str:
+    """The text of a message's content: a string, or text parts joined by newlines."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "\n".join(str(p.get("text") or p.get("refusal") or "") for p in content)
+
+
+def _template_message(m: dict[str, Any]) -> dict[str, Any]:
+    role = m.get("role")
+    out: dict[str, Any] = {"role": "system" if role == "developer" else role,
+                           "content": message_text(m.get("content"))}
+    if m.get("name"):
+        out["name"] = m["name"]
+    if m.get("tool_call_id"):
+        out["tool_call_id"] = m["tool_call_id"]
+    calls = m.get("tool_calls")
+    if calls:
+        out["tool_calls"] = [_template_call(c) for c in calls]
+    return out
+
+
+def _template_call(call: Any) -> dict[str, Any]:
+    call = dict(call)
+    function = dict(call.get("function") or {})
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        with contextlib.suppress(ValueError):  # if not JSON, the template gets the string
+            function["arguments"] = json.loads(arguments)
+    call["function"] = function
+    return call

@@ -36,6 +36,13 @@ class RequestPolicy(BaseModel):
         description="Tenants allowed to send ignore_eos, or '*' for every tenant (benchmark "
         "setups, where stock vLLM gets the same requests). A multi-tenant deployment names them.",
     )
+    tool_call_parser: str | None = Field(
+        default=None,
+        description="vLLM tool parser (its ToolParserManager name, e.g. 'hermes') that reads "
+        "tool calls in the base model's own format for tool_choice 'auto'; None refuses 'auto' "
+        "as vllm serve does without --tool-call-parser. Named and required tool choices need "
+        "no parser: they are decoded under the tools' JSON schema.",
+    )
 
 
 def check_ignore_eos(policy: RequestPolicy, tenant: str, ignore_eos: bool) -> None:

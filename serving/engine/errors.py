@@ -5,6 +5,7 @@
     ├── AdapterLoadError         an adapter could not be made resident (-> 422/503)
     │   └── AdapterBusy          unload refused: requests are still using it
     ├── EngineDead               the engine crashed; the replica must be replaced (-> 503)
+    ├── RequestRefused           the engine refused the request's parameters (-> 400)
     └── DeviceMismatch           the replica's devices are not what it asked for (start refused)
 """
 
@@ -43,6 +44,11 @@ class AdapterBusy(AdapterLoadError):
 
 class EngineDead(EngineError):
     """The engine is no longer usable."""
+
+
+class RequestRefused(EngineError):
+    """The engine refused the request as invalid before generating (a structured-output
+    constraint it cannot compile, a token id outside the vocabulary): the client's fault."""
 
 
 class DeviceMismatch(EngineError):

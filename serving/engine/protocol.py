@@ -74,6 +74,19 @@ class GenerateRequest:
     """The client reads the output as a stream (the scheduler may pause it while it reads)."""
     consumption_rate: float | None = None
     """Tokens/s the client declared it reads; ``None``: the engine's default."""
+    vllm_params: object | None = None
+    """vLLM ``SamplingParams`` for this one sequence, built by the API layer from vLLM's own
+    request model (``api/body.py``): structured outputs, logprobs and every other sampling
+    field vLLM accepts. When set, the vLLM engine uses them (``sampling`` still states the
+    output limit and seed); an engine without vLLM reads ``sampling`` only."""
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Logprobs of one generated token as vLLM reports them: the candidates in vLLM's order
+    (the sampled token, then the top ones by rank), each (token id, logprob, decoded text)."""
+
+    candidates: tuple[tuple[int, float, str | None], ...]
 
 
 @dataclass(frozen=True)
@@ -83,16 +96,25 @@ class TokenDelta:
     text: str
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None = None
+    logprobs: tuple[TokenLogprobs, ...] | None = None
+    """One entry per token of ``token_ids`` when the request asked for logprobs."""
+    stop_reason: int | str | None = None
+    """The stop string or token id that ended the sequence (vLLM's ``stop_reason``)."""
 
 
 def merge_deltas(deltas: list[TokenDelta]) -> TokenDelta:
     """One delta carrying several consecutive ones (same request, in order)."""
     if len(deltas) == 1:
         return deltas[0]
+    logprobs = None
+    if any(d.logprobs is not None for d in deltas):
+        logprobs = tuple(lp for d in deltas for lp in (d.logprobs or ()))
     return TokenDelta(
         text="".join(d.text for d in deltas),
         token_ids=tuple(t for d in deltas for t in d.token_ids),
         finish_reason=deltas[-1].finish_reason,
+        logprobs=logprobs,
+        stop_reason=deltas[-1].stop_reason,
     )
 
 

@@ -25,8 +25,15 @@ from typing import Any
 
 from ..config import EngineConfig
 from ..placement import parallel_engine_args
-from .errors import AdapterBusy, AdapterLoadError, EngineDead, public_message
-from .protocol import AdapterFiles, AdapterRef, EngineStats, GenerateRequest, TokenDelta
+from .errors import AdapterBusy, AdapterLoadError, EngineDead, RequestRefused, public_message
+from .protocol import (
+    AdapterFiles,
+    AdapterRef,
+    EngineStats,
+    GenerateRequest,
+    TokenDelta,
+    TokenLogprobs,
+)
 from .residency import AdapterResidency
 
 log = logging.getLogger(__name__)
@@ -104,6 +111,7 @@ class VLLMEngine:
 
     async def start(self) -> None:
         _apply_vllm_environment(self.config)
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -122,6 +130,11 @@ class VLLMEngine:
             kv_cache_memory_bytes=c.kv_cache_bytes,
             block_size=c.block_size,
             enable_prefix_caching=c.prefix_caching,
+            # JSON constrained by a schema or json_object may contain whitespace anywhere;
+            # a small model then emits whitespace until its output limit. Without it, the
+            # constrained output is compact and always ends.
+            structured_outputs_config=StructuredOutputsConfig(backend="xgrammar",
+                                                              disable_any_whitespace=True),
             seed=c.seed,
             disable_log_stats=False,
             enable_log_requests=False,
@@ -221,29 +234,41 @@ class VLLMEngine:
             resident = self._residency.acquire(request.adapter.adapter_id)
             lora = self._lora_request(resident)
         s = request.sampling
-        params = SamplingParams(
-            max_tokens=s.max_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            seed=s.seed,
-            stop=list(s.stop) or None,
-            ignore_eos=s.ignore_eos,
-            presence_penalty=s.presence_penalty,
-            frequency_penalty=s.frequency_penalty,
-            output_kind=RequestOutputKind.DELTA,
-            extra_args={"lorafleet": {
-                "streaming": request.streaming,
-                "consumption_rate": request.consumption_rate or self.config.default_consumption_rate,
-            }},
-        )
+        ours = {"lorafleet": {
+            "streaming": request.streaming,
+            "consumption_rate": request.consumption_rate or self.config.default_consumption_rate,
+        }}
+        if isinstance(request.vllm_params, SamplingParams):
+            # Built by the API layer from vLLM's request model; the engine owns how output
+            # is delivered, and the scheduler's arguments are ours alone.
+            params = request.vllm_params.clone()
+            params.n = 1
+            params.max_tokens = s.max_tokens
+            params.seed = s.seed
+            params.output_kind = RequestOutputKind.DELTA
+            params.extra_args = ours
+        else:
+            params = SamplingParams(
+                max_tokens=s.max_tokens,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                seed=s.seed,
+                stop=list(s.stop) or None,
+                ignore_eos=s.ignore_eos,
+                presence_penalty=s.presence_penalty,
+                frequency_penalty=s.frequency_penalty,
+                output_kind=RequestOutputKind.DELTA,
+                extra_args=ours,
+            )
         self._in_flight += 1
-        finished = False
+        finished = produced = False
         try:
             prompt: dict[str, Any] = {"prompt_token_ids": list(request.prompt_token_ids)}
             if request.cache_salt is not None:
                 prompt["cache_salt"] = request.cache_salt
             stream = self.llm.generate(prompt, params, request.request_id, lora_request=lora)
             async for out in stream:
+                produced = True
                 completion = out.outputs[0]
                 finished = out.finished
                 reason = completion.finish_reason if out.finished else None
@@ -253,7 +278,15 @@ class VLLMEngine:
                     finish_reason=reason if reason in ("stop", "length", "abort") else (
                         "stop" if out.finished else None
                     ),
+                    logprobs=_logprobs(completion.logprobs),
+                    stop_reason=completion.stop_reason if out.finished else None,
                 )
+        except (ValueError, TypeError) as e:
+            if produced or self._llm is None or self._llm.errored:
+                raise
+            # vLLM validates a request's parameters when it is added (structured outputs,
+            # logit_bias, allowed token ids) and raises these for the caller's mistakes.
+            raise RequestRefused(public_message(e)) from e
         except EngineDeadError as e:
             # The engine core process is gone. Ours is an EngineError, which the API turns
             # into a 503 (Ray keeps the type: RayTaskError(EngineDead) is an EngineDead).
@@ -301,6 +334,17 @@ class VLLMEngine:
             self._llm.shutdown()
             self._llm = None
         self._core_metrics_path.unlink(missing_ok=True)
+
+
+def _logprobs(steps: Any) -> tuple[TokenLogprobs, ...] | None:
+    """vLLM's per-token logprob dicts (None when not asked for) as plain tuples, in order."""
+    if steps is None:
+        return None
+    return tuple(
+        TokenLogprobs(tuple((int(tid), float(lp.logprob), lp.decoded_token)
+                            for tid, lp in (step or {}).items()))
+        for step in steps
+    )
 
 
 def _async_llm_in_placement_group(args: Any) -> Any:
