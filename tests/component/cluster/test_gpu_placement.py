@@ -31,7 +31,8 @@ from lorafleet.serving.placement import (  # noqa: E402
     replica_resources,
 )
 
-pytestmark = [pytest.mark.multinode, pytest.mark.timeout(180)]
+# heavy: 50 s for the two (a four-node Ray cluster started and stopped).
+pytestmark = [pytest.mark.multinode, pytest.mark.heavy, pytest.mark.timeout(180)]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ from lorafleet.loadtest.bench import servers
 from lorafleet.loadtest.runner import run_workload
 from lorafleet.loadtest.workload import parse_workload
 
-pytestmark = [pytest.mark.vllm]
+# heavy: 80 s (stock vllm serve and LoRAFleet started side by side).
+pytestmark = [pytest.mark.vllm, pytest.mark.heavy]
 
 REPO = Path(__file__).parents[3]
 

@@ -24,7 +24,8 @@ from lorafleet.operator.tenant_store import RegistryTenantStore
 
 from .conftest import ADAPTERS, SECRETS, TENANTS, secret
 
-pytestmark = pytest.mark.vllm
+# heavy: 45 s (a real lorafleet serve driven by the operator).
+pytestmark = [pytest.mark.vllm, pytest.mark.heavy]
 
 DATA_DIR = Path(os.environ.get("LORAFLEET_DATA_DIR",
                                Path(__file__).resolve().parents[3] / ".lorafleet"))

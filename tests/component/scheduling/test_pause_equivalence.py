@@ -121,6 +121,7 @@ async def test_greedy_output_is_identical_with_and_without_pauses(tiny_model, ad
     assert results == reference
 
 
+@pytest.mark.heavy  # 85 s: three engines (host tier, disk tier, both)
 async def test_paused_requests_come_back_from_the_offload_tiers(tiny_model, adapters, reference):
     """Prefix caching off, so a resumed request's KV can only come from our connector's tiers
     or be recomputed: with room in host memory every resume restores blocks; with a pool of
