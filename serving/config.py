@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Literal, Self, cast
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .scheduling.model import DEFAULT_CONSUMPTION_RATE
+
 SchedulingPolicy = Literal["fcfs", "tokenflow"]
 """``fcfs``: stock vLLM; ``tokenflow``: streaming-aware preemption (``scheduling.POLICIES``)."""
 
@@ -67,7 +69,7 @@ class EngineSettings(BaseModel):
         "(lorafleet.serving.scheduling).",
     )
     default_consumption_rate: float = Field(
-        default=6.0, gt=0,
+        default=DEFAULT_CONSUMPTION_RATE, gt=0,
         description="tokenflow: tokens/s a streaming client reads when it declares no rate "
         "(about human reading speed).",
     )

@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from lorafleet.loadtest.bench import servers
+from lorafleet.loadtest.bench import overload, servers
 from lorafleet.loadtest.bench.scenarios import (
     MODEL,
     TENANT,
@@ -349,6 +349,8 @@ def run_bench(
         rel = relative_to_base(docs)
         (out_dir / "relative-to-base.json").write_text(json.dumps(rel, indent=1))
         print_relative(rel, console)
+    if sc.name == "overload":
+        overload.report(docs, out_dir, console)
     png = plot(sc, docs, out_dir / f"{sc.name}.png")
     console.print(f"results in {out_dir} ({png.name}); took {time.monotonic() - t0:.0f} s")
     return docs
