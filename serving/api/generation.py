@@ -254,15 +254,19 @@ def _text_chunk(gen: Generation, choice: Choice, delta: TokenDelta, first: bool
             gen.logprobs, delta.token_ids, delta.logprobs or (), choice.offset)
     if not text and logprobs is None:
         return None
-    return {"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": None}
+    return {"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": None,
+            "stop_reason": None}
 
 
 def _finish(gen: Generation, choice: Choice, chunk: dict[str, Any] | None) -> dict[str, Any]:
     """The choice's last chunk: its last delta (if any) with the finish reason, as vLLM
     sends it. ``auto`` tool calls, read from the whole text, go out here."""
     if gen.chat:
-        chunk = chunk or {"index": choice.index, "delta": {}, "logprobs": None}
         tools = choice.tools
+        plain = tools is None or tools.mode == "none"
+        # The last delta's text may be empty; it still goes out as content (as vLLM sends it).
+        chunk = chunk or {"index": choice.index, "delta": {"content": ""} if plain else {},
+                          "logprobs": None}
         called = bool(tools and tools.called)
         if tools is not None and tools.mode == "auto":
             content, calls = tools.final(choice.text)
