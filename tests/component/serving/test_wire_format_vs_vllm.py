@@ -19,7 +19,8 @@ from lorafleet.loadtest.bench.servers import VLLMOptions, free_port, running, vl
 
 from .conftest import TINY_MODEL_NAME
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+# 105 s for both: stock vLLM's server starts beside the session's engine.
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.heavy]
 
 ADAPTER = "ad-r4-qv"
 VOLATILE = {"id", "created", "system_fingerprint"}
