@@ -74,5 +74,5 @@ class LocalEngineClient:
         from ..metrics import engine_metrics_text
 
         # In one process all engines share one prometheus registry.
-        core = [getattr(e, "core_metrics_text", lambda: "")() for e in self.engines]
+        core = [e.core_metrics_text() for e in self.engines]
         return engine_metrics_text("local", "".join(core))

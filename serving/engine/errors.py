@@ -1,7 +1,6 @@
 """Engine errors.
 
     EngineError                  any failure inside an engine replica
-    ├── EngineOverloaded         the replica cannot take more work now (-> 503, retry)
     ├── AdapterLoadError         an adapter could not be made resident (-> 422/503)
     │   └── AdapterBusy          unload refused: requests are still using it
     ├── EngineDead               the engine crashed; the replica must be replaced (-> 503)
@@ -28,10 +27,6 @@ def public_message(exc: BaseException, limit: int = 300) -> str:
     text = reason if isinstance(reason, str) else str(exc)
     line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-class EngineOverloaded(EngineError):
-    """No capacity for another request right now."""
 
 
 class AdapterLoadError(EngineError):

@@ -8,7 +8,7 @@ fast API unit tests may inject a deterministic fake that satisfies the same prot
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
@@ -127,7 +127,6 @@ class EngineStats:
     in_flight: int
     max_loras: int
     max_cpu_loras: int
-    extra: dict[str, float] = field(default_factory=dict)
     healthy: bool = True
     """False once the replica's engine has died (the replica is about to be replaced)."""
     engine_pids: tuple[int, ...] = ()
@@ -149,5 +148,9 @@ class Engine(Protocol):
     async def unload_adapter(self, adapter_id: str) -> bool: ...
 
     async def stats(self) -> EngineStats: ...
+
+    def core_metrics_text(self) -> str:
+        """The engine's own Prometheus exposition (vLLM's and the scheduler's series), or ""."""
+        ...
 
     async def shutdown(self) -> None: ...

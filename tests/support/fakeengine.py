@@ -127,5 +127,8 @@ class FakeEngine:
             in_flight=self.in_flight, max_loras=self.max_loras,
             max_cpu_loras=self.residency.capacity, healthy=self.started)
 
+    def core_metrics_text(self) -> str:
+        return ""
+
     async def shutdown(self) -> None:
         self.started = False
