@@ -176,19 +176,13 @@ class RedisRegistry(Registry):
         return None if key.revoked else key
 
     async def revoke_key(self, tenant: str, key_id: str) -> None:
-        key_k = self._k("key", key_id)
-
-        async def body(pipe: Pipeline) -> None:
-            raw = await pipe.get(key_k)
-            key = ApiKey.from_dict(json.loads(raw)) if raw else None
-            if key is None or key.tenant != tenant:
-                raise NotFound(f"key {key_id!r} of tenant {tenant!r} does not exist")
-            pipe.multi()
-            pipe.set(key_k, json.dumps({**key.to_dict(), "revoked": True}))
-
-        await self._transaction([key_k], body)
+        await self._update_key(tenant, key_id, {"revoked": True})
 
     async def set_key_owner(self, tenant: str, key_id: str, owner: str | None) -> None:
+        await self._update_key(tenant, key_id, {"owner": owner})
+
+    async def _update_key(self, tenant: str, key_id: str, changes: dict[str, Any]) -> None:
+        """Set fields of a tenant's key in one transaction; NotFound if it is not that tenant's."""
         key_k = self._k("key", key_id)
 
         async def body(pipe: Pipeline) -> None:
@@ -197,7 +191,7 @@ class RedisRegistry(Registry):
             if key is None or key.tenant != tenant:
                 raise NotFound(f"key {key_id!r} of tenant {tenant!r} does not exist")
             pipe.multi()
-            pipe.set(key_k, json.dumps({**key.to_dict(), "owner": owner}))
+            pipe.set(key_k, json.dumps({**key.to_dict(), **changes}))
 
         await self._transaction([key_k], body)
 
