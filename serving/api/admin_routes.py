@@ -28,6 +28,7 @@ from lorafleet.adapters.validation import ValidationLimits
 
 from ..engine.errors import EngineError, public_message
 from ..engine.protocol import AdapterRef
+from .body import parse_model, read_json
 from .errors import (
     Conflict,
     InsufficientStorage,
@@ -36,7 +37,6 @@ from .errors import (
     ServiceUnavailable,
     UnprocessableAdapter,
 )
-from .openai_routes import parse_body, read_json
 from .services import ApiServices
 
 
@@ -86,7 +86,7 @@ def build_admin_router(services: ApiServices) -> APIRouter:
         services.tenancy.invalidate()
 
     async def body(request: Request, model: type[BaseModel]) -> Any:
-        return parse_body(model, await read_json(request, services.max_body_bytes))
+        return parse_model(model, await read_json(request, services.max_body_bytes))
 
     async def tenant_or_404(name: str) -> Tenant:
         t = await reg.get_tenant(name)

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from vllm.exceptions import VLLMClientError
 
 from .arrival import RECEIVED_AT_HEADER, queued_seconds
-from .body import ChatBody, CompletionBody, parse_model, parse_request, read_json
+from .body import ChatBody, CompletionBody, parse_request, read_json
 from .errors import APIError, InvalidRequest, RateLimited
 from .generation import Generation, GenerationStream, collect, stream_events
 from .prompts import RenderedPrompt
@@ -34,11 +34,7 @@ from .services import ApiServices
 from .tenancy import Resolved
 from .tools import constrain
 
-__all__ = ["build_openai_router", "parse_body", "read_json"]
-
-# The admin routes parse their own strict models with these, under the same errors.
-parse_body = parse_model
-
+__all__ = ["build_openai_router"]
 
 def _inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
     """Replace pydantic's ``#/$defs/X`` refs by their targets (our request models are not
