@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from lorafleet.adapters.cache import AdapterCache
@@ -75,11 +75,14 @@ def _tenant_json(t: Tenant) -> dict[str, Any]:
 
 
 def build_admin_router(services: ApiServices) -> APIRouter:
-    router = APIRouter(prefix="/admin/v1")
+    async def admin_only(request: Request) -> None:
+        services.check_admin(request.headers.get("authorization"))
+
+    # Authentication is the router's: a route added here cannot forget it.
+    router = APIRouter(prefix="/admin/v1", dependencies=[Depends(admin_only)])
     reg = services.registry
 
     async def guard(request: Request) -> None:
-        services.check_admin(request.headers.get("authorization"))
         if request.method != "GET":  # no writes into a registry that was reset or rolled back
             await services.tenancy.check_writable()
         # Every admin route may write the registry: drop this process's cached lookups.
@@ -280,17 +283,15 @@ def build_admin_router(services: ApiServices) -> APIRouter:
                 "seen": identity_json(t.seen)}
 
     @router.get("/registry")
-    async def registry_status(request: Request) -> Any:
+    async def registry_status() -> Any:
         """What this ingress believes about the registry: the identity it trusts, the one it
         last read, and whether it refuses the registry as reset or rolled back."""
-        services.check_admin(request.headers.get("authorization"))
         return trust_json(await services.tenancy.refresh_trust())
 
     @router.post("/registry/accept-restore")
-    async def accept_restore(request: Request) -> Any:
+    async def accept_restore() -> Any:
         """Accept the registry as it is now (after a restore from backup, or knowingly starting
         over): it gets a new id that every ingress adopts on its next read."""
-        services.check_admin(request.headers.get("authorization"))
         await services.tenancy.accept_restore()
         return trust_json(services.tenancy.trust)
 
