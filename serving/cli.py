@@ -45,6 +45,10 @@ def _serve_parser(sub: Any) -> None:
                    "every route, the admin API's included).")
     p.add_argument("--admin-port", type=int, default=None,
                    help="Serve the admin API on this port only (same host), not on --port.")
+    p.add_argument("--ignore-eos-tenants", default=None,
+                   help="Tenants allowed ignore_eos: comma-separated names, or '*' (default).")
+    p.add_argument("--tool-call-parser", default=None,
+                   help="vLLM tool parser for tool_choice 'auto' (e.g. hermes); default none.")
     p.add_argument("--ray-address", default=None, help="Attach to this Ray cluster.")
     p.add_argument("--adapter-store", default=None,
                    help="Shared adapter store every node reads: s3://bucket/prefix or "
@@ -138,6 +142,7 @@ def _settings(args: argparse.Namespace) -> Any:
         "host", "port", "data_dir", "registry_url", "admin_key", "replicas", "ray_address",
         "adapter_store", "adapter_secrets_dir",
         "public_metrics", "ingress_replicas", "api_docs", "admin_port",
+        "ignore_eos_tenants", "tool_call_parser",
     ) if getattr(args, k, None) is not None}
     return ServeSettings(**given)
 
@@ -159,6 +164,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     from lorafleet.adapters.keyfiles import WeakAdminKey
 
+    from .api.openai_routes import check_tool_parser
+
+    try:  # before anything slow: an unknown tool parser fails here, not in the ingress
+        check_tool_parser(settings.tool_call_parser)
+    except ValueError as e:
+        raise SystemExit(f"lorafleet serve: error: {e}") from None
     try:  # before anything slow: a weak key must fail in a second, not after the model build
         admin_key = load_or_create_admin_key(data_dir, settings.admin_key)
     except (WeakAdminKey, PermissionError) as e:

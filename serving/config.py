@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, Self, cast
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .api.request_policy import RequestPolicy
 from .scheduling.model import DEFAULT_CONSUMPTION_RATE
 
 SchedulingPolicy = Literal["fcfs", "tokenflow"]
@@ -275,6 +276,16 @@ class ServeSettings(BaseSettings):
         description="Serve the admin API (/admin/v1) on this port only, on the same host, and "
         "not on the public port; unset: on the public port.",
     )
+    ignore_eos_tenants: str = Field(
+        default="*",
+        description="Tenants allowed to send ignore_eos: a comma-separated list of tenant "
+        "names, or '*' for every tenant (benchmark setups).",
+    )
+    tool_call_parser: str | None = Field(
+        default=None,
+        description="vLLM tool parser name (e.g. 'hermes') for tool_choice 'auto'; unset: "
+        "'auto' is refused. An unknown name stops the server at start.",
+    )
     replicas: int = Field(default=1, ge=1, description="Engine replicas (Ray Serve deployments).")
     ingress_replicas: int = Field(
         default=1, ge=1,
@@ -309,6 +320,13 @@ class ServeSettings(BaseSettings):
         if self.registry_url:
             return self.registry_url
         return f"sqlite:///{(self.data_dir / 'registry.db').resolve()}"
+
+    def request_policy(self) -> RequestPolicy:
+        """What requests may ask for, from ``ignore_eos_tenants`` and ``tool_call_parser``."""
+        raw = self.ignore_eos_tenants.strip()
+        tenants: frozenset[str] | Literal["*"] = (
+            "*" if raw == "*" else frozenset(t.strip() for t in raw.split(",") if t.strip()))
+        return RequestPolicy(ignore_eos_tenants=tenants, tool_call_parser=self.tool_call_parser)
 
     def adapter_files(self) -> AdapterFilesConfig:
         """What an engine replica needs to fetch adapters onto its own node."""

@@ -333,6 +333,7 @@ class Ingress:
         )
 
         self.services.trust_arrival_stamp = proxy_stamps_arrival()
+        self.services.request_policy = s.request_policy()
         if s.admin_port is not None:
             from .admin_listener import AdminListener
 

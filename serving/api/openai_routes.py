@@ -21,6 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from vllm.exceptions import VLLMClientError
+from vllm.tool_parsers.abstract_tool_parser import ToolParserManager
 
 from .arrival import RECEIVED_AT_HEADER, queued_seconds
 from .body import ChatBody, CompletionBody, parse_request, read_json
@@ -34,7 +35,18 @@ from .services import ApiServices
 from .tenancy import Resolved
 from .tools import constrain
 
-__all__ = ["build_openai_router"]
+__all__ = ["build_openai_router", "check_tool_parser"]
+
+
+def check_tool_parser(name: str | None) -> None:
+    """Refuse, at start, a tool parser name that vLLM's ToolParserManager does not know."""
+    if name is None:
+        return
+    try:
+        ToolParserManager.get_tool_parser(name)
+    except KeyError:
+        known = ", ".join(sorted(ToolParserManager.list_registered()))
+        raise ValueError(f"unknown tool_call_parser {name!r}; vLLM knows: {known}") from None
 
 def _inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
     """Replace pydantic's ``#/$defs/X`` refs by their targets (our request models are not
@@ -131,7 +143,8 @@ class _TokenizeGate:
 
 def build_openai_router(services: ApiServices, policy: RequestPolicy | None = None) -> APIRouter:
     router = APIRouter(prefix="/v1")
-    policy = policy or RequestPolicy()
+    policy = policy or services.request_policy
+    check_tool_parser(policy.tool_call_parser)
     memo = RefusalMemo()
     gate = _TokenizeGate()
     max_len = services.renderer.max_model_len

@@ -23,6 +23,7 @@ from ..metrics import ServingMetrics
 from .errors import AuthenticationFailed
 from .prompts import PromptRenderer
 from .quotas import QuotaBook, Quotas
+from .request_policy import RequestPolicy
 from .tenancy import Tenancy, TenancySettings, bearer_token
 
 
@@ -55,6 +56,8 @@ class ApiServices:
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
     max_body_bytes: int = 1_000_000
+    # what requests may ask for (ignore_eos tenants, tool parser): ServeSettings.request_policy()
+    request_policy: RequestPolicy = field(default_factory=RequestPolicy)
     # /metrics carries tenant and adapter names: it needs the admin key or this metrics key
     # (sha256), unless public_metrics is set (a single-user development box).
     metrics_key_hash: str | None = None

@@ -241,6 +241,8 @@ Environment of every serving container: the Deployment's, the Ray head's and the
   node that may fetch (engine replicas on workers) or import (an Ingress anywhere) needs them.
 - The API surface: docs opt-in, and the admin API on its own port when serving.adminPort is
   set (ServeSettings reads LORAFLEET_API_DOCS, LORAFLEET_ADMIN_PORT).
+- The request policy (ServeSettings reads LORAFLEET_IGNORE_EOS_TENANTS, a comma-separated list
+  or '*', and LORAFLEET_TOOL_CALL_PARSER).
 - Adapter intake bounds (IntakeSettings reads LORAFLEET_INTAKE_*): an Ingress anywhere may
   import. Integers go through int64, or Helm would print a large one as 5.36870912e+08.
 */}}
@@ -250,6 +252,14 @@ Environment of every serving container: the Deployment's, the Ray head's and the
 {{- if .Values.serving.apiDocs }}
 - name: LORAFLEET_API_DOCS
   value: "true"
+{{- end }}
+{{- with .Values.serving.requestPolicy }}
+- name: LORAFLEET_IGNORE_EOS_TENANTS
+  value: {{ .ignoreEosTenants | default (list "*") | join "," | quote }}
+{{- with .toolCallParser }}
+- name: LORAFLEET_TOOL_CALL_PARSER
+  value: {{ . | quote }}
+{{- end }}
 {{- end }}
 {{- with .Values.serving.adminPort }}
 - name: LORAFLEET_ADMIN_PORT

@@ -295,6 +295,34 @@ def test_docs_are_off_by_default_and_a_value_turns_them_on() -> None:
     assert schema_errors({"serving": {"adminPort": 0}})
 
 
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_the_request_policy_reaches_every_serving_container(
+        mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorafleet.serving.config import ServeSettings
+
+    names = ("LORAFLEET_IGNORE_EOS_TENANTS", "LORAFLEET_TOOL_CALL_PARSER")
+
+    def policies(values: dict[str, Any]) -> list[Any]:
+        out = []
+        for container in serving_containers(render(merged(MODES[mode], values))):
+            for name in names:
+                monkeypatch.delenv(name, raising=False)
+            for e in container["env"]:
+                if e["name"] in names:
+                    monkeypatch.setenv(e["name"], e["value"])
+            out.append(ServeSettings().request_policy())
+        assert out
+        return out
+
+    assert {(p.ignore_eos_tenants, p.tool_call_parser) for p in policies({})} == {("*", None)}
+    named = {"serving": {"requestPolicy": {"ignoreEosTenants": ["bench", "loadtest"],
+                                           "toolCallParser": "hermes"}}}
+    assert {(p.ignore_eos_tenants, p.tool_call_parser) for p in policies(named)} == {
+        (frozenset({"bench", "loadtest"}), "hermes")}
+    assert schema_errors({"serving": {"requestPolicy": {"ignoreEosTenants": ["a,b"]}}})
+    assert schema_errors({"serving": {"requestPolicy": {"ignoreEosTenants": []}}})
+
+
 # --- the operator's tenant bindings ----------------------------------------------------------
 
 

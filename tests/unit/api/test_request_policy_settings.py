@@ -1,0 +1,98 @@
+"""The request policy is a deployment setting: ``ServeSettings`` (flags, ``LORAFLEET_*``)
+to ``ApiServices.request_policy`` to the routes, through the real app on the fake engine.
+
+- A tenant the setting does not name gets 403 ``ignore_eos``; a named one is served.
+- ``*`` (the default) lets every tenant send ``ignore_eos``.
+- A tool parser name vLLM does not know is refused before the app is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fakeengine import FakeEngine
+
+from lorafleet.serving.api.app import build_app
+from lorafleet.serving.api.openai_routes import check_tool_parser
+from lorafleet.serving.api.services import ApiServices
+from lorafleet.serving.assemble import make_services
+from lorafleet.serving.config import EngineConfig, ServeSettings
+from lorafleet.serving.demo.basemodel import TINY_MODEL_NAME
+from lorafleet.serving.engine.client import LocalEngineClient
+
+ADMIN = {"Authorization": "Bearer test-admin"}
+
+
+@pytest.fixture
+async def fake() -> FakeEngine:
+    engine = FakeEngine()
+    await engine.start()
+    return engine
+
+
+@pytest.fixture
+async def services(tiny_model: Path, fake: FakeEngine, tmp_path: Path) -> AsyncIterator[ApiServices]:
+    config = EngineConfig(model_dir=str(tiny_model), served_model_name=TINY_MODEL_NAME,
+                          max_model_len=512)
+    s = make_services(engine_config=config, engines=LocalEngineClient([fake]),
+                      registry_url=f"sqlite:///{tmp_path / 'registry.db'}",
+                      data_dir=tmp_path, admin_key="test-admin")
+    yield s
+    await s.registry.close()
+
+
+def client_for(services: ApiServices) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(services)),
+                             base_url="http://lorafleet", timeout=30)
+
+
+async def tenant_key(api: httpx.AsyncClient, name: str) -> dict[str, str]:
+    r = await api.post("/admin/v1/tenants", json={"name": name, "quota": {}}, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    r = await api.post(f"/admin/v1/tenants/{name}/keys", json={}, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    return {"Authorization": f"Bearer {r.json()['key']}"}
+
+
+def completion(**extra: Any) -> dict[str, Any]:
+    return {"model": TINY_MODEL_NAME, "prompt": "hello there", "max_tokens": 4, **extra}
+
+
+async def test_a_tenant_not_named_in_the_setting_gets_403(
+    services: ApiServices, fake: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LORAFLEET_IGNORE_EOS_TENANTS", "bench, loadtest")
+    services.request_policy = ServeSettings().request_policy()
+    async with client_for(services) as api:
+        alice = await tenant_key(api, "alice")
+        bench = await tenant_key(api, "bench")
+        r = await api.post("/v1/completions", json=completion(ignore_eos=True), headers=alice)
+        assert r.status_code == 403, r.text
+        assert r.json()["error"]["param"] == "ignore_eos"
+        r = await api.post("/v1/completions", json=completion(ignore_eos=True), headers=bench)
+        assert r.status_code == 200, r.text
+    assert [q.sampling.ignore_eos for q in fake.requests] == [True]
+
+
+async def test_star_lets_every_tenant_send_ignore_eos(
+    services: ApiServices, fake: FakeEngine
+) -> None:
+    services.request_policy = ServeSettings(ignore_eos_tenants="*").request_policy()
+    assert ServeSettings().request_policy().ignore_eos_tenants == "*"
+    async with client_for(services) as api:
+        alice = await tenant_key(api, "alice")
+        r = await api.post("/v1/completions", json=completion(ignore_eos=True), headers=alice)
+        assert r.status_code == 200, r.text
+    assert [q.sampling.ignore_eos for q in fake.requests] == [True]
+
+
+async def test_an_unknown_tool_parser_is_refused_at_start(services: ApiServices) -> None:
+    services.request_policy = ServeSettings(tool_call_parser="no-such-parser").request_policy()
+    with pytest.raises(ValueError, match="unknown tool_call_parser 'no-such-parser'"):
+        build_app(services)
+    check_tool_parser("hermes")
+    check_tool_parser(None)
