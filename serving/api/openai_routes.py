@@ -205,6 +205,7 @@ def build_openai_router(services: ApiServices, policy: RequestPolicy | None = No
         param = "messages" if isinstance(body, ChatBody) else "prompt"
         for f in floors:
             services.renderer.check_floor(f, param)
+            services.renderer.check_output_limit(f, body.output_limit())
         early = memo.early(tenant.name, tenant.quota, cost_floor(floors, body), services.clock())
         if early is not None:
             raise _refused(services, tenant, label, early)

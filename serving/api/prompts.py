@@ -89,6 +89,18 @@ class PromptRenderer:
                 param=param,
             )
 
+    def check_output_limit(self, floor: int, max_tokens: int | None) -> None:
+        """Refuse, before any quota check, an output limit that no prompt leaves room for: the
+        request can never run, so it is a 400, not a 429 that invites a retry."""
+        if max_tokens is not None and floor + max_tokens > self.max_model_len:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested at least {floor + max_tokens} tokens ({floor} in the prompt, "
+                f"{max_tokens} for the completion). Please reduce the length of the prompt or "
+                "the completion.",
+                param="max_tokens",
+            )
+
     def chat(self, messages: list[Any], max_tokens: int | None, *, tools: list[Any] | None = None,
              documents: list[Any] | None = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False) -> RenderedPrompt:

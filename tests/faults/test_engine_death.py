@@ -31,7 +31,7 @@ class DyingLLM:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         yield SimpleNamespace(finished=False, outputs=[SimpleNamespace(
-            text="a", token_ids=[1], finish_reason=None)])
+            text="a", token_ids=[1], finish_reason=None, logprobs=None)])
         self.errored = True
         raise EngineDeadError()
 

@@ -285,3 +285,12 @@ async def test_each_tenant_has_its_own_cache_salt_that_no_body_sets(
     r = await api.post("/v1/completions", json=completion(cache_salt=salts[2]), headers=alice)
     assert r.status_code == 400, r.text
     assert len(fake.requests) == 3
+
+
+async def test_an_output_limit_past_the_context_is_a_400_even_over_quota(api: httpx.AsyncClient) -> None:
+    # The request can never run: a 400 that says why, not a 429 that invites a retry.
+    key = await tenant_key(api, "alice", {"tokens_per_minute": 500})
+    r = await api.post("/v1/completions", json=completion(max_tokens=10**7), headers=key)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    assert r.json()["error"]["param"] == "max_tokens"
