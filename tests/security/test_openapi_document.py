@@ -9,11 +9,13 @@ import schemathesis
 from schemathesis import GenerationMode
 
 from lorafleet.serving.api.app import build_app
+from lorafleet.serving.api.request_policy import RequestPolicy
 
 
 def test_request_schemas_resolve_and_both_fuzzing_modes_generate() -> None:
     services = MagicMock()
     services.served_model_name = "m"
+    services.request_policy = RequestPolicy()
     doc = build_app(services).openapi()
     text = json.dumps(doc)
     assert "#/$defs/" not in text  # would resolve against the document root: dangling
