@@ -28,13 +28,6 @@ ADMIN = {"Authorization": "Bearer test-admin"}
 
 
 @pytest.fixture
-async def fake() -> FakeEngine:
-    engine = FakeEngine()
-    await engine.start()
-    return engine
-
-
-@pytest.fixture
 async def api(tiny_model: Path, fake: FakeEngine, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     config = EngineConfig(model_dir=str(tiny_model), served_model_name=TINY_MODEL_NAME,
                           max_model_len=512)

@@ -64,13 +64,6 @@ class CountingTokenizer:
 
 
 @pytest.fixture
-async def fake() -> FakeEngine:
-    engine = FakeEngine()
-    await engine.start()
-    return engine
-
-
-@pytest.fixture
 async def services(tiny_model: Path, fake: FakeEngine, tmp_path: Path) -> AsyncIterator[ApiServices]:
     config = EngineConfig(model_dir=str(tiny_model), served_model_name=TINY_MODEL_NAME,
                           max_model_len=512)
