@@ -18,7 +18,8 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from .api.arrival import proxy_environment, proxy_stamps_arrival
 from .config import EngineConfig, EngineSettings, ServeSettings, files_on_this_node
 from .engine.errors import EngineDead
 from .engine.protocol import AdapterRef, EngineStats, GenerateRequest, TokenDelta, merge_deltas
+from .metrics import ReplicaHopMetrics
 from .placement import (
     ReplicaResources,
     check_cluster_capacity,
@@ -98,6 +100,19 @@ async def coalesced(deltas: AsyncIterator[TokenDelta]) -> AsyncIterator[TokenDel
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def timed(deltas: AsyncIterator[TokenDelta], hops: Any, started: float
+                ) -> AsyncIterator[TokenDelta]:
+    """Pass deltas on, observing the engine's first-token time (from ``started``, wall
+    clock) and the time between its outputs into ``hops`` (``ReplicaHopMetrics.hop``)."""
+    last = started
+    first = True
+    async for delta in deltas:
+        now = time.time()
+        hops.labels("engine_first_token" if first else "engine_token").observe(now - last)
+        first, last = False, now
+        yield delta
 
 
 ENGINE_WATCH_PERIOD_S = 0.5
@@ -191,6 +206,8 @@ def engine_deployment(
                                      adapter_files=self._materializer)
             # The multiplexer loads by id; this is what the id stands for (content, no path).
             self._refs: dict[str, AdapterRef] = {}
+            self._hop_metrics = ReplicaHopMetrics()
+            self._hops = self._hop_metrics.hop
             await self.engine.start()
             self._watchdog = asyncio.create_task(exit_when_engine_dies(self.engine))
 
@@ -199,12 +216,19 @@ def engine_deployment(
             await self.engine.load_adapter(self._refs[adapter_id])
             return _ResidentAdapter(self.engine, adapter_id)
 
-        async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        async def generate(self, request: GenerateRequest, dispatched_at: float | None = None
+                           ) -> AsyncIterator[tuple[TokenDelta, float]]:
+            """The request's deltas, each with the wall-clock time it left this replica (the
+            ingress measures the stream's transit); ``dispatched_at``: when the ingress sent
+            the call (wall clock), for the transit of the call itself."""
+            started = time.time()
+            if dispatched_at is not None:
+                self._hops.labels("ingress_to_replica").observe(max(0.0, started - dispatched_at))
             if request.adapter is not None:
                 self._refs[request.adapter.adapter_id] = request.adapter
                 await self._adapter(request.adapter.adapter_id)
-            async for delta in coalesced(self.engine.generate(request)):
-                yield delta
+            async for delta in coalesced(timed(self.engine.generate(request), self._hops, started)):
+                yield delta, time.time()
 
         async def load_adapter(self, adapter: AdapterRef) -> str:
             self._refs[adapter.adapter_id] = adapter
@@ -237,7 +261,9 @@ def engine_deployment(
         async def metrics_text(self) -> str:
             from .metrics import engine_metrics_text
 
-            return engine_metrics_text(self.engine.replica_id, self.engine.core_metrics_text())
+            return engine_metrics_text(
+                self.engine.replica_id,
+                self.engine.core_metrics_text() + self._hop_metrics.exposition())
 
         async def check_health(self) -> None:
             await self.engine.llm.check_health()
@@ -248,19 +274,26 @@ def engine_deployment(
 
 
 class RayEngineClient:
-    """``EngineClient`` over a Ray Serve handle to the engine replicas."""
+    """``EngineClient`` over a Ray Serve handle to the engine replicas.
+
+    ``observe_transit`` (seconds), when set, receives each delta's time from leaving the
+    replica to arriving here (wall clocks of two processes, maybe two nodes)."""
 
     def __init__(self, handle: DeploymentHandle) -> None:
         self.handle = handle
+        self.observe_transit: Callable[[float], None] | None = None
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
         model_id = request.adapter.adapter_id if request.adapter else ""
         stream = self.handle.options(stream=True, multiplexed_model_id=model_id).generate.remote(
-            request
+            request, time.time()
         )
         done = False
+        observe = self.observe_transit
         try:
-            async for delta in stream:
+            async for delta, sent_at in stream:
+                if observe is not None:
+                    observe(max(0.0, time.time() - sent_at))
                 yield delta
             done = True
         except RayActorError as e:  # the replica's process itself died mid-request
@@ -314,9 +347,10 @@ class Ingress:
 
         s = ServeSettings(**settings)
         check_model_files(engine_config["model_dir"])
+        client = RayEngineClient(engines)
         self.services = make_services(
             engine_config=EngineConfig(**engine_config),
-            engines=RayEngineClient(engines),
+            engines=client,
             registry_url=s.registry(),
             data_dir=Path(s.data_dir),
             admin_key=s.admin_key or "",
@@ -332,6 +366,8 @@ class Ingress:
             admin_listener=s.admin_port is not None,
         )
 
+        client.observe_transit = self.services.metrics.token_hop.labels(
+            "replica_to_ingress").observe
         self.services.trust_arrival_stamp = proxy_stamps_arrival()
         self.services.request_policy = s.request_policy()
         if s.admin_port is not None:

@@ -25,6 +25,9 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# One hop of one token: from 50 us (an in-process queue) to 2.5 s (a stalled Ray stream).
+HOP_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+               0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class AdapterLabeler:
@@ -114,11 +117,45 @@ class ServingMetrics:
             ["replica"], registry=r,
         )
 
+        # The gateway's own cost, hop by hop (``lorafleet bench overhead`` reads them). No
+        # tenant label: these describe the serving path, not a tenant's traffic.
+        self.stage = Histogram(
+            "lorafleet_request_stage_seconds",
+            "Time from the request reaching the HTTP server to a stage of its path: "
+            "dispatched (the ingress sends it to the engine replicas), first_delta (its first "
+            "output is back at the ingress), first_written (handed to the HTTP server).",
+            ["stage"], buckets=TTFT_BUCKETS, registry=r,
+        )
+        self.token_hop = Histogram(
+            "lorafleet_token_hop_seconds",
+            "Per streamed delta, the time one hop took: replica_to_ingress (the Ray stream "
+            "from the engine replica), ingress_write (SSE formatting and the write).",
+            ["hop"], buckets=HOP_BUCKETS, registry=r,
+        )
+
     def adapter_label(self, adapter: str | None) -> str:
         return self.labeler.label(adapter)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ReplicaHopMetrics:
+    """The engine replica's share of the path, in a registry of its own (exported with the
+    replica's metrics): ingress_to_replica (the handle call's routing and transit),
+    engine_first_token (from the replica's call to the engine's first output: adapter,
+    queue and prefill), engine_token (between two outputs of the engine)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.hop = Histogram(
+            "lorafleet_replica_hop_seconds",
+            "Time one hop inside the engine replica took (see ReplicaHopMetrics).",
+            ["hop"], buckets=HOP_BUCKETS + (5.0, 10.0, 30.0), registry=self.registry,
+        )
+
+    def exposition(self) -> str:
+        return generate_latest(self.registry).decode()
 
 
 def engine_metrics_text(replica_id: str, core_text: str = "") -> str:

@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from lorafleet.loadtest.bench import overload, servers
+from lorafleet.loadtest.bench import overhead, overload, servers
 from lorafleet.loadtest.bench.scenarios import (
     MODEL,
     TENANT,
@@ -81,8 +81,10 @@ def _warmup(target: str, keys: dict[str, str | None]) -> None:
 
 def _run_phases(
     system: str, sc: Scenario, target: str, keys: dict[str, str | None],
-    out_dir: Path, console: Console,
+    out_dir: Path, console: Console, probe: overhead.Probe | None = None,
 ) -> dict[str, Any]:
+    """Every phase of ``sc`` in turn; with a ``probe``, each phase's document carries its
+    hop-by-hop breakdown (``overhead``)."""
     _warmup(target, keys)
     phases: dict[str, Any] = {}
     for phase in sc.phases:
@@ -91,8 +93,11 @@ def _run_phases(
         # vLLM gets the same requests without the extension.
         workload = phase.workload.model_copy(
             update={"declare_reader_rate": system.startswith("lorafleet")})
+        before = probe.snapshot() if probe else None
         doc = run_workload(workload, target, keys, console=console,
                            meta={"system": system, "phase": phase.name})
+        if probe and before:
+            doc["overhead"] = overhead.breakdown(system, doc, before, probe.snapshot()).as_json()
         s = doc["summary"]
         console.print(
             f"  ok {s['ok']}/{s['requests']}  {s['output_tokens_per_s']:.1f} tok/s  "
@@ -133,9 +138,10 @@ def run_system(
             ),
             port,
         )
-        with servers.running(system, cmd, env, port, log, READY_TIMEOUT_S[system]):
+        with servers.running(system, cmd, env, port, log, READY_TIMEOUT_S[system]) as srv:
             ready_s = time.monotonic() - t0
-            phases = _run_phases(system, sc, target, {TENANT: None}, out_dir, console)
+            phases = _run_phases(system, sc, target, {TENANT: None}, out_dir, console,
+                                 _probe(sc, system, srv, None))
     elif system.startswith("lorafleet"):
         admin_key = "bench-" + secrets.token_hex(16)  # servers refuse admin keys under 32 characters
         opts = servers.LoRAFleetOptions(
@@ -156,7 +162,8 @@ def run_system(
                     admin.add_adapter(TENANT, name, cold_dir / name, load=False)
             finally:
                 admin.close()
-            phases = _run_phases(system, sc, target, {TENANT: key}, out_dir, console)
+            phases = _run_phases(system, sc, target, {TENANT: key}, out_dir, console,
+                                 _probe(sc, system, srv, admin_key))
             extra["server_counters"] = read_counters(servers.metrics_text(srv.base_url, admin_key))
             if extra["server_counters"]:
                 console.print("  server: " + ", ".join(
@@ -165,6 +172,15 @@ def run_system(
         raise LoadTestError(f"unknown system {system!r}; known: {SYSTEMS}")
     return {"scenario": sc.name, "system": system, "ready_s": ready_s, "note": CPU_NOTE,
             "reserved_cpus": reserved_cpus, "phases": phases, **extra}
+
+
+def _probe(sc: Scenario, system: str, srv: servers.Server, admin_key: str | None
+           ) -> overhead.Probe | None:
+    """The overhead scenario's per-phase snapshots of a server (none for other scenarios)."""
+    if sc.name != "overhead":
+        return None
+    return overhead.Probe(system, srv.proc.pid,
+                          lambda: servers.metrics_text(srv.base_url, admin_key or "none"))
 
 
 def cold_start_figures(doc: dict[str, Any]) -> dict[str, float | None]:
@@ -351,6 +367,9 @@ def run_bench(
         print_relative(rel, console)
     if sc.name == "overload":
         overload.report(docs, out_dir, console)
+    if sc.name == "overhead":
+        hops = overhead.report(docs, console)
+        (out_dir / "overhead-breakdown.json").write_text(json.dumps(hops, indent=1))
     png = plot(sc, docs, out_dir / f"{sc.name}.png")
     console.print(f"results in {out_dir} ({png.name}); took {time.monotonic() - t0:.0f} s")
     return docs

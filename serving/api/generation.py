@@ -163,10 +163,19 @@ class Generation:
             "total_tokens": prompt + completion,
         }
 
+    def stage(self, name: str, now: float) -> None:
+        """The request reached a stage of its path (``ServingMetrics.stage``) at ``now``."""
+        self.services.metrics.stage.labels(name).observe(max(0.0, now - self.meter.arrival))
+
     async def deltas(self) -> AsyncIterator[tuple[int, TokenDelta]]:
         clock = self.services.clock
+        self.stage("dispatched", clock())
+        first = True
         try:
             async for i, delta in merge_choices(self.services, self.engine_requests):
+                if first:
+                    first = False
+                    self.stage("first_delta", clock())
                 self.meter.on_tokens(i, len(delta.token_ids), clock())
                 self.choices[i].add(delta)
                 yield i, delta
@@ -295,7 +304,10 @@ async def stream_events(gen: Generation, include_usage: bool) -> AsyncIterator[b
                 role = {"index": c.index, "delta": {"role": "assistant", "content": ""},
                         "logprobs": None, "finish_reason": None}
                 yield sse({**head, "choices": [role], **extra})
+        clock = gen.services.clock
+        write_hop = gen.services.metrics.token_hop.labels("ingress_write")
         async for i, delta in gen.deltas():
+            received = clock()
             choice = gen.choices[i]
             if i in buffered_auto:
                 chunk = None  # auto tool calls are read from the whole text at the end
@@ -308,7 +320,11 @@ async def stream_events(gen: Generation, include_usage: bool) -> AsyncIterator[b
                 chunk = _finish(gen, choice, chunk)
             if chunk is not None:
                 yield sse({**head, "choices": [chunk], **extra})  # returns once sent
-                gen.meter.on_written(gen.services.clock())
+                written = clock()
+                if gen.meter.first_written is None:
+                    gen.stage("first_written", written)
+                gen.meter.on_written(written)
+                write_hop.observe(written - received)
         if include_usage:
             yield sse({**head, "choices": [], "usage": gen.usage()})
         yield b"data: [DONE]\n\n"
