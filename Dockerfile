@@ -69,10 +69,8 @@ RUN pip install --upgrade pip \
  && pip install --no-deps . \
  && cd / && python -c "import vllm, boto3, lorafleet.serving"
 
-# ---- cpu: the CPU image ------------------------------------------------------------------
-FROM base AS cpu
-COPY --from=builder-cpu /opt/venv /opt/venv
-ENV VLLM_CPU_KVCACHE_SPACE=4
+# ---- runtime: how both images run (user, data folder, port, health, command) -------------
+FROM base AS runtime
 USER 10001:10001
 WORKDIR /data
 EXPOSE 8000
@@ -81,13 +79,11 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
 ENTRYPOINT ["lorafleet"]
 CMD ["serve", "--host=0.0.0.0", "--port=8000"]
 
+# ---- cpu: the CPU image ------------------------------------------------------------------
+FROM runtime AS cpu
+COPY --from=builder-cpu /opt/venv /opt/venv
+ENV VLLM_CPU_KVCACHE_SPACE=4
+
 # ---- gpu: the default image (last stage) -------------------------------------------------
-FROM base AS gpu
+FROM runtime AS gpu
 COPY --from=builder-gpu /opt/venv /opt/venv
-USER 10001:10001
-WORKDIR /data
-EXPOSE 8000
-HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
-  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
-ENTRYPOINT ["lorafleet"]
-CMD ["serve", "--host=0.0.0.0", "--port=8000"]

@@ -146,8 +146,9 @@ def test_copied_packages_match_pyproject() -> None:
 def test_final_stage_is_non_root_slim_and_healthy(stage: str) -> None:
     s = stages()
     chain = lineage(s, stage)
-    instructions = [i for name in chain for i in s[name]]
-    users = [i["value"].split(":")[0] for i in s[stage] if i["instruction"] == "USER"]
+    # The stage's own instructions after those of the stages it builds on (base first).
+    instructions = [i for name in reversed(chain) for i in s[name]]
+    users = [i["value"].split(":")[0] for i in instructions if i["instruction"] == "USER"]
     assert users and users[-1] not in ("root", "0"), f"{stage} runs as root"
     for ins in instructions:
         if ins["instruction"] == "RUN":
@@ -156,9 +157,9 @@ def test_final_stage_is_non_root_slim_and_healthy(stage: str) -> None:
                     f"{stage} installs {tool}"
     copies = [i["value"] for i in s[stage] if i["instruction"] == "COPY"]
     assert any("--from=builder-" in c and "/opt/venv" in c for c in copies)
-    health = [i["value"] for i in s[stage] if i["instruction"] == "HEALTHCHECK"]
+    health = [i["value"] for i in instructions if i["instruction"] == "HEALTHCHECK"]
     assert health and "/health" in health[-1]
-    entry = [json.loads(i["value"]) for i in s[stage] if i["instruction"] == "ENTRYPOINT"]
+    entry = [json.loads(i["value"]) for i in instructions if i["instruction"] == "ENTRYPOINT"]
     assert entry and entry[-1] == ["lorafleet"]
 
 
@@ -178,6 +179,8 @@ def test_chart_runs_as_the_image_user() -> None:
     import yaml
 
     values = yaml.safe_load((REPO / "charts" / "lorafleet" / "values.yaml").read_text())
-    user = next(i["value"] for i in stages()["gpu"] if i["instruction"] == "USER").split(":")[0]
+    s = stages()
+    user = next(i["value"] for name in lineage(s, "gpu") for i in s[name]
+                if i["instruction"] == "USER").split(":")[0]
     assert values["serving"]["podSecurityContext"]["runAsUser"] == int(user)
     assert values["operator"]["podSecurityContext"]["runAsUser"] == int(user)
