@@ -57,6 +57,11 @@ SMOLLM2_CONFIG: dict[str, Any] = {
     "num_hidden_layers": 30,
 }
 DEMO_ADAPTERS = Path(__file__).resolve().parents[2] / "adapters" / "demo"
+# The tiny random Llama (tinyengine.py's shapes) as adapter checks see it; served as "tiny-llama".
+TINY_LLAMA_CONFIG: dict[str, Any] = {
+    "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "num_hidden_layers": 4,
+}
 
 # `re` backtracks through every split of a module name: minutes for one name.
 BACKTRACKING_PATTERN = r"(.*?)(.*?)(.*?)(.*?)(.*?)(.*?)(.*?)\7\1[0-9]"
@@ -95,6 +100,11 @@ def write_adapter(path: Path, *, base: str = "SmolLM2-135M-Instruct", rank: int 
             weights[f"{prefix}.lora_B.weight"] = rng.standard_normal((out_f, rank)).astype(np.float16)
     save_file(weights, str(path / "adapter_model.safetensors"))
     return path
+
+
+def write_tiny_adapter(path: Path, *, base: str = "tiny-llama", rank: int = 4) -> Path:
+    """A valid PEFT LoRA adapter on q_proj and v_proj for the tiny Llama (`TINY_LLAMA_CONFIG`)."""
+    return write_adapter(path, base=base, rank=rank, model=TINY_LLAMA_CONFIG)
 
 
 _write_adapter = write_adapter

@@ -18,12 +18,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
+from adapterfiles import TINY_LLAMA_CONFIG
+from adapterfiles import write_tiny_adapter as write_adapter
 from s3server import S3Server
-from safetensors.numpy import save_file
 
-from lorafleet.adapters.basemodel import base_model_info_from_config, block_of
+from lorafleet.adapters.basemodel import base_model_info_from_config
 from lorafleet.adapters.cache import AdapterCache
 from lorafleet.adapters.errors import AdapterFetchError
 from lorafleet.adapters.ingest import import_adapter
@@ -39,9 +39,7 @@ from lorafleet.adapters.validation import ValidationLimits, validate_adapter_dir
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto")
 
-BASE = base_model_info_from_config(
-    {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
-     "num_key_value_heads": 2, "num_hidden_layers": 4}, "tiny-llama")
+BASE = base_model_info_from_config(TINY_LLAMA_CONFIG, "tiny-llama")
 LIMITS = ValidationLimits(max_rank=16, max_bytes=4 << 20)
 STORE_KEY, TENANT_KEY, AMBIENT_KEY = "AKIDSTORE", "AKIDTEAMA", "AKIDAMBIENT"
 
@@ -80,23 +78,6 @@ def env(s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     return {"admin": admin, "store": store, "store_bucket": store_bucket,
             "src_bucket": src_bucket, "secrets": SecretResolver(secrets_dir),
             "recorder": s3}
-
-
-def write_adapter(path: Path, rank: int = 4) -> Path:
-    path.mkdir(parents=True)
-    (path / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "base_model_name_or_path": "tiny-llama", "r": rank,
-        "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}))
-    rng = np.random.default_rng(rank)
-    weights = {}
-    for layer in range(BASE.num_layers):
-        for module in ("q_proj", "v_proj"):
-            in_f, out_f = BASE.modules[module]
-            prefix = f"base_model.model.model.layers.{layer}.{block_of(module)}.{module}"
-            weights[f"{prefix}.lora_A.weight"] = rng.standard_normal((rank, in_f), np.float32)
-            weights[f"{prefix}.lora_B.weight"] = rng.standard_normal((out_f, rank), np.float32)
-    save_file(weights, str(path / "adapter_model.safetensors"))
-    return path
 
 
 Node = Callable[..., Materializer]

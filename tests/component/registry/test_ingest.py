@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from adapterfiles import TINY_LLAMA_CONFIG
+from adapterfiles import write_tiny_adapter as write_adapter
 
-from lorafleet.adapters.basemodel import base_model_info_from_config, block_of
+from lorafleet.adapters.basemodel import base_model_info_from_config
 from lorafleet.adapters.cache import AdapterCache
 from lorafleet.adapters.errors import AdapterValidationError, NotFound
 from lorafleet.adapters.ingest import import_adapter
@@ -17,26 +16,7 @@ from lorafleet.adapters.model import Quota, Tenant
 from lorafleet.adapters.registry import Registry
 from lorafleet.adapters.validation import ValidationLimits
 
-BASE = base_model_info_from_config(
-    {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
-     "num_key_value_heads": 2, "num_hidden_layers": 4}, "tiny-llama")
-
-
-def write_adapter(path: Path, *, base_name: str = "tiny-llama", rank: int = 4) -> Path:
-    path.mkdir(parents=True)
-    (path / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "base_model_name_or_path": base_name, "r": rank,
-        "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}))
-    rng = np.random.default_rng(1)
-    weights = {}
-    for layer in range(BASE.num_layers):
-        for module in ("q_proj", "v_proj"):
-            in_f, out_f = BASE.modules[module]
-            prefix = f"base_model.model.model.layers.{layer}.{block_of(module)}.{module}"
-            weights[f"{prefix}.lora_A.weight"] = rng.standard_normal((rank, in_f), np.float32)
-            weights[f"{prefix}.lora_B.weight"] = np.zeros((out_f, rank), np.float32)
-    save_file(weights, str(path / "adapter_model.safetensors"))
-    return path
+BASE = base_model_info_from_config(TINY_LLAMA_CONFIG, "tiny-llama")
 
 
 async def test_import_registers_a_cached_adapter(registry: Registry, tmp_path: Path) -> None:
@@ -60,7 +40,7 @@ async def test_refused_adapter_leaves_no_trace(registry: Registry, tmp_path: Pat
     await registry.put_tenant(Tenant("alice", "Alice", Quota(), 1.0))
     generation = await registry.generation()
     cache = AdapterCache(tmp_path / "cache", max_bytes=1 << 24)
-    src = write_adapter(tmp_path / "src", base_name="other-model")
+    src = write_adapter(tmp_path / "src", base="other-model")
     with pytest.raises(AdapterValidationError) as info:
         await import_adapter(
             tenant="alice", name="sql", source=str(src), shared=False, registry=registry,

@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from adapterfiles import TINY_LLAMA_CONFIG
+from adapterfiles import write_tiny_adapter as write_adapter
 
-from lorafleet.adapters.basemodel import base_model_info_from_config, block_of
+from lorafleet.adapters.basemodel import base_model_info_from_config
 from lorafleet.adapters.cache import AdapterCache
 from lorafleet.adapters.errors import (
     AdapterFetchError,
@@ -33,26 +33,7 @@ from lorafleet.adapters.sandbox import IntakeSettings
 from lorafleet.adapters.validation import ValidationLimits
 
 LOOPBACK_OK = IntakeSettings(allow_networks=("127.0.0.0/8",))
-BASE = base_model_info_from_config(
-    {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
-     "num_key_value_heads": 2, "num_hidden_layers": 4}, "tiny-llama")
-
-
-def write_adapter(path: Path, rank: int = 4) -> Path:
-    path.mkdir(parents=True)
-    (path / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "base_model_name_or_path": BASE.name, "r": rank,
-        "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}))
-    rng = np.random.default_rng(1)
-    weights = {}
-    for layer in range(BASE.num_layers):
-        for module in ("q_proj", "v_proj"):
-            in_f, out_f = BASE.modules[module]
-            prefix = f"base_model.model.model.layers.{layer}.{block_of(module)}.{module}"
-            weights[f"{prefix}.lora_A.weight"] = rng.standard_normal((rank, in_f), np.float32)
-            weights[f"{prefix}.lora_B.weight"] = np.zeros((out_f, rank), np.float32)
-    save_file(weights, str(path / "adapter_model.safetensors"))
-    return path
+BASE = base_model_info_from_config(TINY_LLAMA_CONFIG, "tiny-llama")
 
 
 @pytest.fixture
