@@ -144,12 +144,8 @@ async def send(
     n_out = usage.get("completion_tokens")
     if not isinstance(n_out, int):
         n_out = state["chunks"]
-    return RequestRecord(
-        index=req.index,
-        tenant=req.tenant,
-        adapter=req.model,
-        stream=req.stream,
-        scheduled_s=req.at_s,
+    return record_of(
+        req,
         start_s=start - run_start,
         token_times=tuple(state["times"]),
         e2e_s=end - start,
@@ -157,9 +153,14 @@ async def send(
         prompt_tokens=usage.get("prompt_tokens"),
         status=state["status"],
         error=error,
-        reader_rate=req.reader_rate,
-        max_tokens=req.max_tokens,
     )
+
+
+def record_of(req: PlannedRequest, *, start_s: float, **observed: Any) -> RequestRecord:
+    """The record of `req`: what the plan said of it, and what the client `observed`."""
+    return RequestRecord(index=req.index, tenant=req.tenant, adapter=req.model, stream=req.stream,
+                         scheduled_s=req.at_s, start_s=start_s, reader_rate=req.reader_rate,
+                         max_tokens=req.max_tokens, **observed)
 
 
 async def probe(http: httpx.AsyncClient, target: str, api_key: str | None) -> list[str]:

@@ -48,19 +48,8 @@ class _Live:
 
 
 def _cancelled(req: PlannedRequest, start_s: float, e2e_s: float) -> RequestRecord:
-    return RequestRecord(
-        index=req.index,
-        tenant=req.tenant,
-        adapter=req.model,
-        stream=req.stream,
-        scheduled_s=req.at_s,
-        start_s=start_s,
-        e2e_s=e2e_s,
-        status=None,
-        error="cancelled: still running at the run's hard deadline",
-        reader_rate=req.reader_rate,
-        max_tokens=req.max_tokens,
-    )
+    return client.record_of(req, start_s=start_s, e2e_s=e2e_s, status=None,
+                            error="cancelled: still running at the run's hard deadline")
 
 
 async def run_plan(
