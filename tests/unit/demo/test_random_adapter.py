@@ -75,7 +75,7 @@ def test_weights_are_nonzero_and_seeded(tiny_config_dir: Path, tmp_path: Path):
         assert not torch.equal(value, tc[key])
 
 
-def test_alpha_and_validation(tiny_config_dir: Path, tmp_path: Path):
+def test_alpha_is_written(tiny_config_dir: Path, tmp_path: Path):
     out = make_random_adapter(
         tiny_config_dir,
         tmp_path / "a",
@@ -86,21 +86,12 @@ def test_alpha_and_validation(tiny_config_dir: Path, tmp_path: Path):
         base_model_name=DEMO_MODEL_NAME,
     )
     assert json.loads((out / "adapter_config.json").read_text())["lora_alpha"] == 32
+
+
+@pytest.mark.parametrize(("rank", "targets"), [(4, ["nope"]), (0, ["q_proj"])],
+                         ids=["unknown-module", "rank-0"])
+def test_invalid_adapter_is_refused(tiny_config_dir: Path, tmp_path: Path, rank: int,
+                                    targets: list[str]):
     with pytest.raises(ValueError):
-        make_random_adapter(
-            tiny_config_dir,
-            tmp_path / "b",
-            rank=4,
-            target_modules=["nope"],
-            seed=0,
-            base_model_name=DEMO_MODEL_NAME,
-        )
-    with pytest.raises(ValueError):
-        make_random_adapter(
-            tiny_config_dir,
-            tmp_path / "c",
-            rank=0,
-            target_modules=["q_proj"],
-            seed=0,
-            base_model_name=DEMO_MODEL_NAME,
-        )
+        make_random_adapter(tiny_config_dir, tmp_path / "b", rank=rank, target_modules=targets,
+                            seed=0, base_model_name=DEMO_MODEL_NAME)
