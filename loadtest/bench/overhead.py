@@ -14,6 +14,7 @@ ingress or replica spends per token is taken from the engine's compute threads.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -90,6 +91,8 @@ class Snapshot:
     at: float
     histos: Histos
     cpu: dict[str, float]
+    load1: float = 0.0
+    """The machine's 1-minute load average (other work on the machine skews every figure)."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,8 @@ class Probe:
             histos = histograms(self.metrics())
         except Exception:  # a page we cannot read leaves only the CPU figures
             histos = {}
-        return Snapshot(time.monotonic(), histos, cpu_by_component(self.root_pid, self.system))
+        return Snapshot(time.monotonic(), histos, cpu_by_component(self.root_pid, self.system),
+                        os.getloadavg()[0])
 
 
 def mean_ms(a: Snapshot, b: Snapshot, family: str, label: str = "") -> float | None:
@@ -143,17 +147,19 @@ class Breakdown:
     ttft: list[tuple[str, float | None]] = field(default_factory=list)
     token: list[tuple[str, float | None]] = field(default_factory=list)
     cpu_ms_per_token: dict[str, float] = field(default_factory=dict)
+    load1: tuple[float, float] = (0.0, 0.0)
+    """The machine's load average at the phase's start and end."""
 
     def as_json(self) -> dict[str, Any]:
         return {"system": self.system, "client_mean_ms": self.client,
                 "ttft_ms": dict(self.ttft), "token_ms": dict(self.token),
-                "cpu_ms_per_token": self.cpu_ms_per_token}
+                "cpu_ms_per_token": self.cpu_ms_per_token, "load1": list(self.load1)}
 
 
 def breakdown(system: str, doc: Mapping[str, Any], a: Snapshot, b: Snapshot) -> Breakdown:
     """Mean time per hop of one phase (ms) from two snapshots and the client's document."""
     client = _client_means(doc)
-    out = Breakdown(system, client)
+    out = Breakdown(system, client, load1=(a.load1, b.load1))
     tokens = client["tokens"] or 0.0
     if tokens:
         out.cpu_ms_per_token = {k: 1000.0 * (b.cpu.get(k, 0.0) - v) / tokens
@@ -223,10 +229,12 @@ def report(docs: Mapping[str, Mapping[str, Any]], console: Console) -> dict[str,
             console.print(table)
         table = Table(title=f"overhead {phase}: CPU ms per output token, by process")
         table.add_column("system")
+        table.add_column("load avg", justify="right")
         for comp in sorted({c for r in rows.values() for c in r["cpu_ms_per_token"]}):
             table.add_column(comp, justify="right")
         comps = sorted({c for r in rows.values() for c in r["cpu_ms_per_token"]})
         for s, r in rows.items():
-            table.add_row(s, *(_fmt(r["cpu_ms_per_token"].get(c)) for c in comps))
+            load = "-".join(f"{x:.1f}" for x in r.get("load1", ()))
+            table.add_row(s, load, *(_fmt(r["cpu_ms_per_token"].get(c)) for c in comps))
         console.print(table)
     return out
