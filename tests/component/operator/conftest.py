@@ -12,6 +12,7 @@ import asyncio
 import json
 import tempfile
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,7 @@ class FakeServing:
         self.adapters: dict[tuple[str, str], dict[str, Any]] = {}
         self.replicas: dict[str, set[str]] = {f"replica-{i}": set() for i in range(replicas)}
         self.calls: list[tuple[str, str]] = []
+        self.registrations: list[str] = []  # names, one per registration serving accepted
         self._n = 0
 
     def add_replica(self) -> str:
@@ -165,6 +167,7 @@ class FakeServing:
             for rid in holders:
                 self.replicas[rid].discard(old["adapter_id"])
         self.adapters[(tenant, name)] = record
+        self.registrations.append(name)
         if body.get("load", True):
             self._load(record, len(self.replicas))
         return httpx.Response(201, json=self._view(record))
@@ -198,13 +201,21 @@ def serving(registry: Registry, workdir: Path) -> FakeServing:
     return FakeServing(registry, workdir / "serving")
 
 
-@pytest_asyncio.fixture()
-async def cluster(serving: FakeServing,
-                  tenant_store: RegistryTenantStore) -> AsyncIterator[Cluster]:
+@asynccontextmanager
+async def operator_on(serving: FakeServing, tenant_store: RegistryTenantStore,
+                      **options: Any) -> AsyncIterator[Cluster]:
+    """The real operator (run_operator with `options`) talking to `serving` through its client."""
     client = ServingClient("http://serving", "admin-key",
                            transport=httpx.MockTransport(serving.handle), replicas_ttl=0.0)
     try:
-        async with run_operator(client, tenant_store) as cluster:
+        async with run_operator(client, tenant_store, **options) as cluster:
             yield cluster
     finally:
         await client.aclose()
+
+
+@pytest_asyncio.fixture()
+async def cluster(serving: FakeServing,
+                  tenant_store: RegistryTenantStore) -> AsyncIterator[Cluster]:
+    async with operator_on(serving, tenant_store) as running:
+        yield running
