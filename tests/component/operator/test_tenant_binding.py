@@ -13,30 +13,33 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest_asyncio
 
 from lorafleet.adapters.keys import generate_key, hash_key
 from lorafleet.adapters.model import ApiKey, Tenant
 from lorafleet.adapters.registry import Registry
-from lorafleet.operator.emulation import NAMESPACES, run_operator
-from lorafleet.operator.serving_client import ServingClient
+from lorafleet.operator.emulation import NAMESPACES
 from lorafleet.operator.tenant_store import RegistryTenantStore
 
-from .conftest import ADAPTERS, BASE_MODEL, SECRETS, TENANTS, Cluster, FakeServing, secret, write_adapter
+from .conftest import (
+    ADAPTERS,
+    BASE_MODEL,
+    SECRETS,
+    TENANTS,
+    Cluster,
+    FakeServing,
+    operator_on,
+    secret,
+    write_adapter,
+)
 
 
 @pytest_asyncio.fixture()
 async def cluster(serving: FakeServing,
                   tenant_store: RegistryTenantStore) -> AsyncIterator[Cluster]:
     """The operator watching all three namespaces (the shared fixture watches one)."""
-    client = ServingClient("http://serving", "admin-key",
-                           transport=httpx.MockTransport(serving.handle), replicas_ttl=0.0)
-    try:
-        async with run_operator(client, tenant_store, namespaces=NAMESPACES) as running:
-            yield running
-    finally:
-        await client.aclose()
+    async with operator_on(serving, tenant_store, namespaces=NAMESPACES) as running:
+        yield running
 
 
 def tenant_cr(name: str, *secrets: str) -> dict[str, Any]:
