@@ -124,20 +124,25 @@ async def test_a_backtracking_pattern_leaves_the_event_loop_free(
     assert await registry.list_adapters("alice") == []
 
 
+async def held_import(name: str, held: HeldServer, kw: dict[str, Any]) -> asyncio.Task[Any]:
+    """The import of `name` from the held server, once its fetch has reached the server."""
+    held.asked.clear()
+    task = asyncio.create_task(import_adapter(name=name, source=f"{held.url}/{name}.zip", **kw))
+    assert await asyncio.to_thread(held.asked.wait, 30)
+    return task
+
+
 async def test_one_fetch_per_adapter_and_a_cap_on_imports(
         registry: SQLiteRegistry, tmp_path: Path, held: HeldServer) -> None:
     gate = IntakeGate(max_concurrent=2)
     kw = _kwargs(registry, tmp_path, settings=LOOPBACK_OK, gate=gate)
-    first = asyncio.create_task(import_adapter(name="a", source=f"{held.url}/a.zip", **kw))
-    assert await asyncio.to_thread(held.asked.wait, 30)
+    first = await held_import("a", held, kw)
     # A retry of the same adapter while the first attempt runs: refused, nothing fetched.
     with pytest.raises(IntakeBusy) as info:
         await import_adapter(name="a", source=f"{held.url}/a.zip", **kw)
     assert info.value.transient
     # A second adapter fills the cap; a third is refused until one of them ends.
-    held.asked.clear()
-    second = asyncio.create_task(import_adapter(name="b", source=f"{held.url}/b.zip", **kw))
-    assert await asyncio.to_thread(held.asked.wait, 30)
+    second = await held_import("b", held, kw)
     with pytest.raises(IntakeBusy, match="2 adapter imports"):
         await import_adapter(name="c", source=f"{held.url}/c.zip", **kw)
     held.release.set()
@@ -154,8 +159,7 @@ async def test_a_cancelled_import_holds_its_slot_until_its_worker_ends(
         registry: SQLiteRegistry, tmp_path: Path, held: HeldServer) -> None:
     gate = IntakeGate(max_concurrent=1)
     kw = _kwargs(registry, tmp_path, settings=LOOPBACK_OK, gate=gate)
-    task = asyncio.create_task(import_adapter(name="a", source=f"{held.url}/a.zip", **kw))
-    assert await asyncio.to_thread(held.asked.wait, 30)
+    task = await held_import("a", held, kw)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
