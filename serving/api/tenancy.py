@@ -43,7 +43,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -129,7 +129,11 @@ class _Bounded(Generic[K, V]):
             self._items.move_to_end(key)
         return value
 
-    def put(self, key: K, value: V) -> None:
+    def put(self, key: K, value: V, *, instead_of: _Bounded[K, Any] | None = None) -> None:
+        """Remember `value`; `instead_of` (the cache of the opposite answer) forgets `key`, so
+        a key is found in at most one of the two."""
+        if instead_of is not None:
+            instead_of.pop(key)
         self._items[key] = value
         self._items.move_to_end(key)
         while len(self._items) > self.capacity:
@@ -322,11 +326,9 @@ class Tenancy:
                 raise ServiceUnavailable("The tenant registry is unavailable; retry shortly.") from e
             entry = _KeyEntry(now, gen, tenant)
             if tenant is not None:
-                self._keys.put(digest, entry)
-                self._unknown_keys.pop(digest)
+                self._keys.put(digest, entry, instead_of=self._unknown_keys)
             else:
-                self._unknown_keys.put(digest, entry)
-                self._keys.pop(digest)
+                self._unknown_keys.put(digest, entry, instead_of=self._keys)
         if tenant is None:
             raise AuthenticationFailed(BAD_KEY)
         return tenant
@@ -356,11 +358,9 @@ class Tenancy:
                 raise ServiceUnavailable(_unavailable(e)) from e
         else:
             if record is None:
-                self._missing_models.put(key, True)
-                self._known_models.pop(key)
+                self._missing_models.put(key, True, instead_of=self._known_models)
             else:
-                self._known_models.put(key, record)
-                self._missing_models.pop(key)
+                self._known_models.put(key, record, instead_of=self._missing_models)
         if record is None:
             raise ModelNotFound(model)
         return Resolved(model, record)
