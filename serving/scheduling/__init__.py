@@ -1,6 +1,6 @@
 """Streaming-aware (TokenFlow-style) scheduling: a pure policy and a thin vLLM adapter.
 
-Boundary: ``model``, ``policy``, ``step_cost`` and ``tracking`` are pure (no vLLM, no clock);
+Boundary: ``model``, ``policy``, ``slots``, ``step_cost`` and ``tracking`` are pure (no vLLM, no clock);
 ``vllm_scheduler`` is the only module that imports vLLM, and it only translates the policy's
 plans into vLLM's queues.
 """
@@ -27,6 +27,7 @@ from .policy import (
     make_policy,
     time_to_stall,
 )
+from .slots import SlotParams, decide_slots
 from .step_cost import StepCostModel
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "RequestState",
     "RequestView",
     "SchedulingError",
+    "SlotParams",
     "StepCost",
     "StepCostModel",
     "TokenFlowParams",
@@ -48,6 +50,7 @@ __all__ = [
     "advance_reader",
     "buffer_occupancy",
     "decide_fcfs",
+    "decide_slots",
     "decide_tokenflow",
     "make_policy",
     "time_to_stall",

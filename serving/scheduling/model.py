@@ -50,6 +50,12 @@ class Reason(enum.Enum):
     PAUSE_BOUND = "pause_bound"
     NO_CAPACITY = "no_capacity"
     LORA_SLOTS_FULL = "lora_slots_full"
+    LORA_DRAIN = "lora_drain"
+    """Its adapter holds a slot that a request kept waiting past ``SlotParams.wait_s`` needs:
+    the adapter takes no new requests until its running ones finish and the slot frees."""
+    TENANT_SLOT_SHARE = "tenant_slot_share"
+    """Its tenant's adapters already hold ``SlotParams.tenant_share`` of the adapter slots
+    while another tenant has adapter requests."""
     KV_FULL = "kv_full"
     RATE_CAP = "rate_cap"
     """Not run this step: the streams kept running already read what the engine can generate
@@ -77,6 +83,8 @@ class RequestView:
     """When the modelled reader held ``reader_tokens``; ``None``: at the first token, none read.
     The scheduler moves it on after the reader ran dry (``policy.advance_reader``)."""
     adapter_id: str | None = None
+    tenant: str | None = None
+    """Owner of the adapter (``None``: base model, or unknown): slot shares are per tenant."""
     paused_since: float | None = None
     running_since: float | None = None
     """Running only: when it was last admitted or resumed (``None``: unknown)."""
