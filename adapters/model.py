@@ -7,7 +7,7 @@ checked when a record is built, so an invalid name never reaches storage or a fi
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import InvalidName
@@ -63,11 +63,8 @@ class Quota:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Quota:
-        return cls(
-            max_concurrent=data.get("max_concurrent"),
-            requests_per_minute=data.get("requests_per_minute"),
-            tokens_per_minute=data.get("tokens_per_minute"),
-        )
+        """Every limit `data` names; a missing one is unlimited, an unknown key is ignored."""
+        return cls(**{f.name: data.get(f.name) for f in fields(cls)})
 
 
 @dataclass(frozen=True, slots=True)
