@@ -90,3 +90,19 @@ def read_private_file(path: Path) -> str:
         if info.st_mode & 0o077:
             os.fchmod(f.fileno(), 0o600)
         return f.read()
+
+
+def load_or_create_admin_key(data_dir: Path, given: str | None) -> str:
+    """The admin key: the one given, else the one in ``data_dir/admin.key``, else a new one
+    (created with mode 0600). Raises ``WeakAdminKey`` for a key under 32 characters."""
+    if given:
+        return check_admin_key(given, "the admin key given (--admin-key or LORAFLEET_ADMIN_KEY)",
+                               "leave it unset to have one generated")
+    path = data_dir / "admin.key"
+    key = "lfadmin_" + secrets.token_urlsafe(32)
+    try:
+        write_private_file(path, key + "\n")
+    except FileExistsError:  # an earlier start (or a concurrent one) made it: use that
+        return check_admin_key(read_private_file(path).strip(), f"the admin key in {path}",
+                               "remove the file to have a new one generated")
+    return key

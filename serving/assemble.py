@@ -6,12 +6,10 @@ the Ray ingress deployment and by tests (which pass a ``LocalEngineClient``).
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 
 from lorafleet.adapters.basemodel import load_base_model_info
 from lorafleet.adapters.cache import AdapterCache
-from lorafleet.adapters.keyfiles import check_admin_key, read_private_file, write_private_file
 from lorafleet.adapters.keys import hash_key
 from lorafleet.adapters.materialize import Materializer
 from lorafleet.adapters.registry import RedisRegistry, Registry, open_registry
@@ -27,22 +25,6 @@ from .api.tenancy import TenancySettings
 from .config import AdapterFilesConfig, EngineConfig
 from .engine.client import EngineClient
 from .metrics import ServingMetrics
-
-
-def load_or_create_admin_key(data_dir: Path, given: str | None) -> str:
-    """The admin key: the one given, else the one in ``data_dir/admin.key``, else a new one
-    (created with mode 0600). Raises ``WeakAdminKey`` for a key under 32 characters."""
-    if given:
-        return check_admin_key(given, "the admin key given (--admin-key or LORAFLEET_ADMIN_KEY)",
-                               "leave it unset to have one generated")
-    path = data_dir / "admin.key"
-    key = "lfadmin_" + secrets.token_urlsafe(32)
-    try:
-        write_private_file(path, key + "\n")
-    except FileExistsError:  # an earlier start (or a concurrent one) made it: use that
-        return check_admin_key(read_private_file(path).strip(), f"the admin key in {path}",
-                               "remove the file to have a new one generated")
-    return key
 
 
 def make_intake(

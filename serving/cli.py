@@ -148,8 +148,8 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from . import deploy
-    from .assemble import load_or_create_admin_key, make_intake
+    from lorafleet.adapters.keyfiles import WeakAdminKey, load_or_create_admin_key
+
     from .config import EngineConfig
 
     started = time.monotonic()
@@ -162,18 +162,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.model_dir is None and not demo:
         print("error: --no-demo needs --model-dir", file=sys.stderr)
         return 2
-    from lorafleet.adapters.keyfiles import WeakAdminKey
-
-    from .api.openai_routes import check_tool_parser
-
-    try:  # before anything slow: an unknown tool parser fails here, not in the ingress
-        check_tool_parser(settings.tool_call_parser)
-    except ValueError as e:
-        raise SystemExit(f"lorafleet serve: error: {e}") from None
-    try:  # before anything slow: a weak key must fail in a second, not after the model build
+    # Settings are checked before anything slow is imported or built (vLLM, Ray, the model):
+    # a mistake must fail in a second with one line.
+    try:
         admin_key = load_or_create_admin_key(data_dir, settings.admin_key)
     except (WeakAdminKey, PermissionError) as e:
         raise SystemExit(f"lorafleet serve: error: {e}") from None
+    if settings.tool_call_parser is not None:  # vLLM's parser registry: known only by importing it
+        from .api.openai_routes import check_tool_parser
+
+        try:
+            check_tool_parser(settings.tool_call_parser)
+        except ValueError as e:
+            raise SystemExit(f"lorafleet serve: error: {e}") from None
+    from . import deploy
+    from .assemble import make_intake
     settings = settings.model_copy(update={"admin_key": admin_key})
     if demo and args.model_dir is None:
         from .demo import DEMO_MODEL_NAME

@@ -462,7 +462,7 @@ def build_app(args: dict[str, Any]) -> Any:
     The admin key and registry URL come from ``LORAFLEET_ADMIN_KEY`` and
     ``LORAFLEET_REGISTRY_URL`` (Kubernetes Secrets), never from the RayService object.
     """
-    from .assemble import load_or_create_admin_key
+    from lorafleet.adapters.keyfiles import load_or_create_admin_key
 
     a = AppArgs(**args)
     settings = ServeSettings(data_dir=Path(a.data_dir), replicas=a.engine_num_replicas,

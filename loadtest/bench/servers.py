@@ -113,18 +113,28 @@ def _kill_leftovers(procs: list[psutil.Process], timeout_s: float) -> list[psuti
             with contextlib.suppress(psutil.Error):
                 p.send_signal(sig)
         _, alive = psutil.wait_procs(alive, timeout=timeout_s)
+        alive = [p for p in alive if _runs(p)]
         if not alive:
             break
     return alive
 
 
-def stop(server: Server, term_timeout_s: float = 30.0) -> list[int]:
+def _runs(proc: psutil.Process) -> bool:
+    """Whether ``proc`` still runs: a zombie (killed, not yet reaped by its parent) does not."""
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def stop(server: Server, term_timeout_s: float = 30.0, reap_timeout_s: float = 5.0) -> list[int]:
     """Stop a server and everything it started; returns the pids that could not be killed.
 
     SIGTERM to the process group (``lorafleet serve`` shuts Ray down on it), SIGKILL to the
     group if it has not exited in time. Ray starts its workers (Serve actors, and the vLLM
     engine processes under them) in sessions of their own, outside the server's process group:
-    every descendant seen before the stop that still runs afterwards is killed too.
+    every descendant seen before the stop that still runs afterwards is killed too, after
+    ``reap_timeout_s`` for the server's own shutdown to reap it and as long again per signal.
     """
     tree = _descendants(server.proc.pid)
     if server.proc.poll() is None:
@@ -140,8 +150,8 @@ def stop(server: Server, term_timeout_s: float = 30.0) -> list[int]:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(server.proc.pid, signal.SIGKILL)
     # Give a graceful shutdown a moment to reap its workers before forcing the rest.
-    _, alive = psutil.wait_procs([p for p in tree if p.is_running()], timeout=5.0)
-    return [p.pid for p in _kill_leftovers(alive, timeout_s=5.0)]
+    _, alive = psutil.wait_procs([p for p in tree if _runs(p)], timeout=reap_timeout_s)
+    return [p.pid for p in _kill_leftovers(alive, timeout_s=reap_timeout_s)]
 
 
 @contextlib.contextmanager

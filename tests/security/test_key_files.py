@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 
-from lorafleet.adapters.keyfiles import WeakAdminKey
-from lorafleet.serving.assemble import load_or_create_admin_key
+from lorafleet.adapters.keyfiles import WeakAdminKey, load_or_create_admin_key
 from lorafleet.serving.seed import keys_file
 
 

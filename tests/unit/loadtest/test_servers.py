@@ -70,7 +70,7 @@ def test_stop_kills_descendants_outside_the_process_group(tmp_path: Path) -> Non
         time.sleep(0.05)
     child = psutil.Process(int(pid_file.read_text()))
     assert child.is_running()
-    survivors = servers.stop(server, term_timeout_s=5)
+    survivors = servers.stop(server, term_timeout_s=5, reap_timeout_s=0.5)
     assert survivors == []
     assert server.proc.poll() is not None
     with contextlib.suppress(psutil.NoSuchProcess):
