@@ -182,6 +182,14 @@ class SQLiteRegistry(Registry):
         except sqlite3.OperationalError as exc:  # locked past busy_timeout, disk gone, ...
             raise RegistryUnavailable(f"SQLite registry {self.path}: {exc}") from exc
 
+    async def _change_one(self, sql: str, args: tuple[Any, ...], missing: str) -> None:
+        """A write that must touch a row: NotFound(`missing`) when none matched, nothing changed."""
+        def op(conn: sqlite3.Connection) -> None:
+            if conn.execute(sql, args).rowcount == 0:
+                raise NotFound(missing)
+
+        await self._run(op, write=True)
+
     # --- tenants ---
 
     async def put_tenant(self, tenant: Tenant) -> None:
@@ -209,11 +217,8 @@ class SQLiteRegistry(Registry):
         return [_tenant(r) for r in rows]
 
     async def delete_tenant(self, name: str) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            if conn.execute("DELETE FROM tenants WHERE name = ?", (name,)).rowcount == 0:
-                raise NotFound(f"tenant {name!r} does not exist")
-
-        await self._run(op, write=True)
+        await self._change_one("DELETE FROM tenants WHERE name = ?", (name,),
+                               f"tenant {name!r} does not exist")
 
     # --- keys ---
 
@@ -237,13 +242,8 @@ class SQLiteRegistry(Registry):
         return _key(row) if row else None
 
     async def revoke_key(self, tenant: str, key_id: str) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            cur = conn.execute("UPDATE api_keys SET revoked = 1 WHERE tenant = ? AND key_id = ?",
-                               (tenant, key_id))
-            if cur.rowcount == 0:
-                raise NotFound(f"key {key_id!r} of tenant {tenant!r} does not exist")
-
-        await self._run(op, write=True)
+        await self._change_one("UPDATE api_keys SET revoked = 1 WHERE tenant = ? AND key_id = ?",
+                               (tenant, key_id), f"key {key_id!r} of tenant {tenant!r} does not exist")
 
     async def set_key_owner(self, tenant: str, key_id: str, owner: str | None) -> None:
         def op(conn: sqlite3.Connection) -> None:
@@ -298,13 +298,8 @@ class SQLiteRegistry(Registry):
         return [_adapter(r) for r in rows]
 
     async def delete_adapter(self, tenant: str, name: str) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            cur = conn.execute("DELETE FROM adapters WHERE tenant = ? AND name = ?",
-                               (tenant, name))
-            if cur.rowcount == 0:
-                raise NotFound(f"adapter {name!r} of tenant {tenant!r} does not exist")
-
-        await self._run(op, write=True)
+        await self._change_one("DELETE FROM adapters WHERE tenant = ? AND name = ?", (tenant, name),
+                               f"adapter {name!r} of tenant {tenant!r} does not exist")
 
     # --- placement ---
 
