@@ -28,6 +28,9 @@ LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # One hop of one token: from 50 us (an in-process queue) to 2.5 s (a stalled Ray stream).
 HOP_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                0.1, 0.25, 0.5, 1.0, 2.5)
+# How late the ingress's event loop runs a timer: ~0.1 ms idle; seconds when something blocks it.
+LOOP_LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    5.0, 10.0)
 
 
 class AdapterLabeler:
@@ -131,6 +134,15 @@ class ServingMetrics:
             "Per streamed delta, the time one hop took: replica_to_ingress (the Ray stream "
             "from the engine replica), ingress_write (SSE formatting and the write).",
             ["hop"], buckets=HOP_BUCKETS, registry=r,
+        )
+        # Every tenant's requests share the ingress's event loop: anything that blocks it
+        # (tokenizing, a regex, a big JSON body) delays all of them. Sampled by
+        # ``api.app.sample_loop_lag`` on that loop.
+        self.loop_lag = Histogram(
+            "lorafleet_ingress_event_loop_lag_seconds",
+            "How much later than asked the ingress's event loop woke a periodic timer: the time "
+            "every request on this ingress waited for the loop at that moment.",
+            buckets=LOOP_LAG_BUCKETS, registry=r,
         )
 
     def adapter_label(self, adapter: str | None) -> str:

@@ -7,11 +7,19 @@ the admin listener (``serving/admin_listener.py``) serves when ``services.admin_
 
 The interactive docs and the OpenAPI document are off unless ``services.api_docs``: they list
 every route and schema, the admin API's included, to anyone who asks.
+
+While the public app runs (its ASGI lifespan, which Ray Serve's ingress runs too), a task on
+its event loop measures the loop's lag (``sample_loop_lag``): every tenant's requests share
+that loop, so its lag is what one tenant's CPU-heavy request costs all the others.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -26,9 +34,41 @@ from .openai_routes import build_openai_router
 from .services import ApiServices
 
 
-def _new_app(services: ApiServices, title: str) -> FastAPI:
+LOOP_LAG_INTERVAL_S = 0.1
+"""How often the loop-lag sampler asks to be woken: ten wake-ups a second cost nothing
+measurable and catch any stall longer than a tenth of a second."""
+
+
+async def sample_loop_lag(observe: Callable[[float], None],
+                          interval_s: float = LOOP_LAG_INTERVAL_S) -> None:
+    """Forever: sleep ``interval_s`` on the running loop and ``observe`` how much later than
+    that it woke (the time anything queued on the loop then waited). Cancel to stop."""
+    loop = asyncio.get_running_loop()
+    while True:
+        asked = loop.time() + interval_s
+        await asyncio.sleep(interval_s)
+        observe(max(0.0, loop.time() - asked))
+
+
+def _loop_lag_lifespan(services: ApiServices) -> Callable[[FastAPI], Any]:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(sample_loop_lag(services.metrics.loop_lag.observe))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return lifespan
+
+
+def _new_app(services: ApiServices, title: str, lifespan: Callable[[FastAPI], Any] | None = None
+             ) -> FastAPI:
     docs = bool(services.api_docs)
     app = FastAPI(
+        lifespan=lifespan,
         title=title,
         version="0.1.0",
         description="Multi-tenant LoRA serving with an OpenAI-compatible API.",
@@ -60,7 +100,7 @@ def build_admin_app(services: ApiServices) -> FastAPI:
 
 
 def build_app(services: ApiServices) -> FastAPI:
-    app = _new_app(services, "LoRAFleet")
+    app = _new_app(services, "LoRAFleet", lifespan=_loop_lag_lifespan(services))
     app.include_router(build_openai_router(services))
     if not services.admin_listener:
         app.include_router(build_admin_router(services))
