@@ -33,7 +33,6 @@ from .errors import ServiceUnavailable, install_error_handlers
 from .openai_routes import build_openai_router
 from .services import ApiServices
 
-
 LOOP_LAG_INTERVAL_S = 0.1
 """How often the loop-lag sampler asks to be woken: ten wake-ups a second cost nothing
 measurable and catch any stall longer than a tenth of a second."""
