@@ -6,7 +6,8 @@ frozen `Decision`s with a reason, and status patches. Handlers execute the decis
 
 The one invariant everything here protects: **a LoRAAdapter is Ready only when serving confirms
 that the adapter, from the source the spec names, is registered and held by as many replicas as
-the placement wants** (at least one). A peer reported Running for adapters that were never loaded.
+the placement wants** (at least one). A Ready adapter that no replica holds would send its
+users' requests to failures while the cluster says all is well.
 """
 
 from __future__ import annotations
