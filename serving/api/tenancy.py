@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -323,7 +324,7 @@ class Tenancy:
             except RegistryReset as e:
                 raise ServiceUnavailable(RESET_MESSAGE) from e
             except RegistryUnavailable as e:
-                raise ServiceUnavailable("The tenant registry is unavailable; retry shortly.") from e
+                raise self._unavailable("The tenant registry is unavailable; retry shortly.") from e
             entry = _KeyEntry(now, gen, tenant)
             if tenant is not None:
                 self._keys.put(digest, entry, instead_of=self._unknown_keys)
@@ -332,6 +333,12 @@ class Tenancy:
         if tenant is None:
             raise AuthenticationFailed(BAD_KEY)
         return tenant
+
+    def _unavailable(self, e: RegistryUnavailable | str) -> ServiceUnavailable:
+        if isinstance(e, RegistryReset):  # waiting does not help: an operator must decide
+            return ServiceUnavailable(RESET_MESSAGE)
+        message = e if isinstance(e, str) else "The adapter registry is unavailable; retry shortly."
+        return registry_unavailable(message, self.settings.retry_after_s)
 
     def _usable(self, entry: _KeyEntry, gen: int, now: float) -> bool:
         """A cached key answer holds while the generation is unchanged (for ``ttl_s``), and
@@ -355,7 +362,7 @@ class Tenancy:
         except RegistryUnavailable as e:
             record = self._known_models.get(key)
             if record is None and key not in self._missing_models:
-                raise ServiceUnavailable(_unavailable(e)) from e
+                raise self._unavailable(e) from e
         else:
             if record is None:
                 self._missing_models.put(key, True, instead_of=self._known_models)
@@ -373,7 +380,7 @@ class Tenancy:
         except RegistryUnavailable as e:
             known = self._known_visible.get(tenant.name)
             if known is None:
-                raise ServiceUnavailable(_unavailable(e)) from e
+                raise self._unavailable(e) from e
             return list(known)
         names = {a.name for a in own}
         visible = sorted(own, key=lambda a: a.name) + sorted(
@@ -384,7 +391,8 @@ class Tenancy:
         return list(visible)
 
 
-def _unavailable(e: RegistryUnavailable) -> str:
-    if isinstance(e, RegistryReset):
-        return RESET_MESSAGE
-    return "The adapter registry is unavailable; retry shortly."
+def registry_unavailable(message: str, retry_after_s: float) -> ServiceUnavailable:
+    """The 503 for a registry that cannot be reached, with ``Retry-After``: the breaker lets
+    the next registry call through after ``retry_after_s``, so a client that waits that long
+    is not refused by the breaker again."""
+    return ServiceUnavailable(message, headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))})

@@ -9,16 +9,18 @@ process and registry outages: tests/faults/test_registry_outage.py.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from lorafleet.adapters.errors import RegistryUnavailable
 from lorafleet.adapters.keys import generate_key, hash_key
 from lorafleet.adapters.model import ApiKey, Tenant
 from lorafleet.adapters.registry import open_registry
-from lorafleet.serving.api.errors import AuthenticationFailed
+from lorafleet.serving.api.errors import AuthenticationFailed, ServiceUnavailable
 from lorafleet.serving.api.tenancy import Tenancy
 
 BASE = "base-model"
@@ -104,3 +106,30 @@ async def test_an_unknown_key_is_remembered_until_the_registry_changes(
     await registry.add_key(ApiKey(key_id, "alice", hash_key(plaintext), created_at=0.0))
     clock.now += 1.1
     assert (await tenancy.authenticate(bearer(plaintext))).name == "alice"
+
+
+async def test_every_503_of_an_unreachable_registry_says_when_to_retry(
+    registry: Any, tenancy: Tenancy, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unknown key, an unknown adapter and the model list, each refused while the registry
+    cannot be reached: a 503 whose ``Retry-After`` is the breaker's wait, never a bare one."""
+    key, _ = await add_key(registry)
+    alice = await tenancy.authenticate(bearer(key))
+
+    async def down(*_: Any, **__: Any) -> Any:
+        raise RegistryUnavailable("connection refused")
+
+    for name in ("find_key", "get_adapter", "list_adapters", "list_shared_adapters",
+                 "get_tenant", "generation", "identity"):
+        if hasattr(registry, name):
+            monkeypatch.setattr(registry, name, down)
+    clock.now += 10.0
+    unknown, _ = generate_key()
+    calls = [lambda: tenancy.authenticate(bearer(unknown)),
+             lambda: tenancy.resolve(alice, "never-seen"),
+             lambda: tenancy.visible_adapters(alice)]
+    for call in calls:
+        with pytest.raises(ServiceUnavailable) as refused:
+            await call()
+        retry_after = refused.value.response().headers.get("Retry-After")
+        assert retry_after == str(math.ceil(tenancy.settings.retry_after_s)), retry_after
