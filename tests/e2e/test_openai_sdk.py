@@ -111,7 +111,7 @@ def test_heterogeneous_batch_is_exact(demo_server):
                    timeout=120)
     assert r.status_code in (201, 409), r.text
     models = [DEMO_MODEL_NAME, "french", "pirate", "json"]
-    questions = ["What is the capital of Spain?", "Name a fruit.", "How many legs does a cat have?"]
+    questions = ["What is the capital of Spain?", "How many legs does a cat have?"]
     cases = [(m, q) for m in models for q in questions]
     client = openai.AsyncOpenAI(base_url=demo_server.base_url + "/v1", api_key=demo_server.keys["alice"],
                                 max_retries=0, timeout=600)

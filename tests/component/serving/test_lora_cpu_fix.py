@@ -142,6 +142,7 @@ async def test_mixed_batch_and_alone_match_hf_peft_with_our_path(tiny_model, thr
         assert len({tuple(together[(n, i)]) for n in ("base", *three_adapters)}) > 1
 
 
+@pytest.mark.heavy  # 35-55 s: an engine of its own with vLLM's stock ops
 async def test_stock_ops_corrupt_base_rows(tiny_model, three_adapters, hf_reference):
     """Documents the upstream bug on the pinned vLLM: base rows drift from the reference."""
     vocab = hf_reference[("vocab", 0)][0]
