@@ -16,7 +16,7 @@ from rich.console import Console
 from lorafleet.loadtest.bench.scenarios import SCENARIOS as SERVER_SCENARIOS
 from lorafleet.loadtest.errors import LoadTestError
 
-SCENARIOS = (*SERVER_SCENARIOS, "lora-ops")
+SCENARIOS = (*SERVER_SCENARIOS, "lora-ops", "fairness")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -110,6 +110,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from lorafleet.loadtest.bench.lora_ops import run_lora_ops
 
         run_lora_ops(args.out_dir, quick=args.quick, console=console, threads=args.threads)
+        return 0
+    if args.scenario == "fairness":  # one LoRAFleet server, two tenants (--systems unused)
+        from lorafleet.loadtest.bench.fairness import run_fairness
+
+        try:
+            run_fairness(args.out_dir, quick=args.quick, data_dir=args.data_dir,
+                         console=console, reserved_cpus=args.reserved_cpus)
+        except LoadTestError as exc:
+            console.print(f"[red]error:[/] {exc}")
+            return 2
         return 0
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     try:
