@@ -46,7 +46,8 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--admin-port", type=int, default=None,
                    help="Serve the admin API on this port only (same host), not on --port.")
     p.add_argument("--ignore-eos-tenants", default=None,
-                   help="Tenants allowed ignore_eos: comma-separated names, or '*' (default).")
+                   help="Tenants allowed ignore_eos: comma-separated names, or '*' for all "
+                   "(default: nobody).")
     p.add_argument("--tool-call-parser", default=None,
                    help="vLLM tool parser for tool_choice 'auto' (e.g. hermes); default none.")
     p.add_argument("--ray-address", default=None, help="Attach to this Ray cluster.")

@@ -277,9 +277,10 @@ class ServeSettings(BaseSettings):
         "not on the public port; unset: on the public port.",
     )
     ignore_eos_tenants: str = Field(
-        default="*",
+        default="",
         description="Tenants allowed to send ignore_eos: a comma-separated list of tenant "
-        "names, or '*' for every tenant (benchmark setups).",
+        "names, or '*' for every tenant (benchmark servers). Empty (the default): nobody, since "
+        "ignore_eos lets a tenant hold engine time to its output limit.",
     )
     tool_call_parser: str | None = Field(
         default=None,

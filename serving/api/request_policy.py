@@ -5,7 +5,8 @@ them after authentication and before anything is tokenized or queued.
 
 - ``ignore_eos`` makes a sequence run to its output limit whatever the model says: a
   benchmarking tool that also lets one tenant hold engine time it would not otherwise get.
-  It is allowed only to the tenants the operator names (``ignore_eos_tenants``).
+  It is allowed only to the tenants the operator names (``ignore_eos_tenants``; nobody
+  unless configured, so a deployment that forgets the setting is the safe one).
 - The prefix cache is salted per tenant (``tenant_cache_salt``): vLLM reuses KV blocks only
   between requests with the same salt, so a tenant's time to first token never reveals
   whether another tenant sent the same prefix. The salt comes from the tenant's identity,
@@ -32,9 +33,10 @@ class RequestPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     ignore_eos_tenants: frozenset[str] | Literal["*"] = Field(
-        default="*",
-        description="Tenants allowed to send ignore_eos, or '*' for every tenant (benchmark "
-        "setups, where stock vLLM gets the same requests). A multi-tenant deployment names them.",
+        default=frozenset(),
+        description="Tenants allowed to send ignore_eos, or '*' for every tenant (a benchmark "
+        "server whose only tenants are load generators). Default: nobody, since ignore_eos "
+        "lets a tenant hold engine time to its output limit.",
     )
     tool_call_parser: str | None = Field(
         default=None,

@@ -242,7 +242,7 @@ Environment of every serving container: the Deployment's, the Ray head's and the
 - The API surface: docs opt-in, and the admin API on its own port when serving.adminPort is
   set (ServeSettings reads LORAFLEET_API_DOCS, LORAFLEET_ADMIN_PORT).
 - The request policy (ServeSettings reads LORAFLEET_IGNORE_EOS_TENANTS, a comma-separated list
-  or '*', and LORAFLEET_TOOL_CALL_PARSER).
+  or '*', empty for nobody, and LORAFLEET_TOOL_CALL_PARSER).
 - Adapter intake bounds (IntakeSettings reads LORAFLEET_INTAKE_*): an Ingress anywhere may
   import. Integers go through int64, or Helm would print a large one as 5.36870912e+08.
 */}}
@@ -255,7 +255,7 @@ Environment of every serving container: the Deployment's, the Ray head's and the
 {{- end }}
 {{- with .Values.serving.requestPolicy }}
 - name: LORAFLEET_IGNORE_EOS_TENANTS
-  value: {{ .ignoreEosTenants | default (list "*") | join "," | quote }}
+  value: {{ .ignoreEosTenants | default list | join "," | quote }}
 {{- with .toolCallParser }}
 - name: LORAFLEET_TOOL_CALL_PARSER
   value: {{ . | quote }}

@@ -114,74 +114,67 @@ _CONTAINERS = {"type": "array", "minItems": 1,
                "items": {"type": "object", "required": ["name", "image"]}}
 _POD_TEMPLATE = {"type": "object", "required": ["spec"], "properties": {
     "spec": {"type": "object", "required": ["containers"], "properties": {"containers": _CONTAINERS}}}}
+
+
+def _cr_schema(spec_required: list[str], spec_properties: dict[str, Any]) -> dict[str, Any]:
+    """A custom resource whose spec has `spec_required` and nothing outside `spec_properties`."""
+    return {"type": "object", "required": ["spec"], "properties": {"spec": {
+        "type": "object", "required": spec_required, "additionalProperties": False,
+        "properties": spec_properties}}}
+
+
 CUSTOM_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
-    ("ray.io/v1", "RayService"): {
-        "type": "object", "required": ["spec"],
-        "properties": {"spec": {
-            "type": "object", "required": ["serveConfigV2", "rayClusterConfig"],
-            "additionalProperties": False,
+    ("ray.io/v1", "RayService"): _cr_schema(["serveConfigV2", "rayClusterConfig"], {
+        "serveConfigV2": {"type": "string"},
+        "rayClusterConfig": {
+            "type": "object", "required": ["headGroupSpec", "workerGroupSpecs"],
             "properties": {
-                "serveConfigV2": {"type": "string"},
-                "rayClusterConfig": {
-                    "type": "object", "required": ["headGroupSpec", "workerGroupSpecs"],
+                "rayVersion": {"type": "string"},
+                "enableInTreeAutoscaling": {"type": "boolean"},
+                "headGroupSpec": {
+                    "type": "object", "required": ["rayStartParams", "template"],
+                    "properties": {"rayStartParams": {"type": "object",
+                                                      "additionalProperties": {"type": "string"}},
+                                   "template": _POD_TEMPLATE}},
+                "workerGroupSpecs": {"type": "array", "minItems": 1, "items": {
+                    "type": "object",
+                    "required": ["groupName", "replicas", "minReplicas", "maxReplicas",
+                                 "rayStartParams", "template"],
                     "properties": {
-                        "rayVersion": {"type": "string"},
-                        "enableInTreeAutoscaling": {"type": "boolean"},
-                        "headGroupSpec": {
-                            "type": "object", "required": ["rayStartParams", "template"],
-                            "properties": {"rayStartParams": {"type": "object",
-                                                              "additionalProperties": {"type": "string"}},
-                                           "template": _POD_TEMPLATE}},
-                        "workerGroupSpecs": {"type": "array", "minItems": 1, "items": {
-                            "type": "object",
-                            "required": ["groupName", "replicas", "minReplicas", "maxReplicas",
-                                         "rayStartParams", "template"],
-                            "properties": {
-                                "groupName": {"type": "string"},
-                                "replicas": {"type": "integer", "minimum": 0},
-                                "minReplicas": {"type": "integer", "minimum": 0},
-                                "maxReplicas": {"type": "integer", "minimum": 0},
-                                "rayStartParams": {"type": "object",
-                                                   "additionalProperties": {"type": "string"}},
-                                "template": _POD_TEMPLATE}}}}}}}},
-    },
-    ("monitoring.coreos.com/v1", "PodMonitor"): {
-        "type": "object", "required": ["spec"],
-        "properties": {"spec": {
-            "type": "object", "required": ["selector", "podMetricsEndpoints"],
-            "additionalProperties": False,
-            "properties": {
-                "jobLabel": {"type": "string"},
-                "selector": {"type": "object", "required": ["matchLabels"]},
-                "namespaceSelector": {"type": "object"},
-                "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": {
-                    "type": "object", "required": ["port", "path"], "additionalProperties": False,
-                    "properties": {"port": {"type": "string"}, "path": {"type": "string"},
-                                   "interval": {"type": "string"},
-                                   "scrapeTimeout": {"type": "string"},
-                                   "authorization": {
-                                       "type": "object", "required": ["type", "credentials"],
+                        "groupName": {"type": "string"},
+                        "replicas": {"type": "integer", "minimum": 0},
+                        "minReplicas": {"type": "integer", "minimum": 0},
+                        "maxReplicas": {"type": "integer", "minimum": 0},
+                        "rayStartParams": {"type": "object",
+                                           "additionalProperties": {"type": "string"}},
+                        "template": _POD_TEMPLATE}}}}}}),
+    ("monitoring.coreos.com/v1", "PodMonitor"): _cr_schema(["selector", "podMetricsEndpoints"], {
+        "jobLabel": {"type": "string"},
+        "selector": {"type": "object", "required": ["matchLabels"]},
+        "namespaceSelector": {"type": "object"},
+        "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["port", "path"], "additionalProperties": False,
+            "properties": {"port": {"type": "string"}, "path": {"type": "string"},
+                           "interval": {"type": "string"},
+                           "scrapeTimeout": {"type": "string"},
+                           "authorization": {
+                               "type": "object", "required": ["type", "credentials"],
+                               "additionalProperties": False,
+                               "properties": {
+                                   "type": {"enum": ["Bearer"]},
+                                   "credentials": {
+                                       "type": "object", "required": ["name", "key"],
                                        "additionalProperties": False,
-                                       "properties": {
-                                           "type": {"enum": ["Bearer"]},
-                                           "credentials": {
-                                               "type": "object", "required": ["name", "key"],
-                                               "additionalProperties": False,
-                                               "properties": {"name": {"type": "string"},
-                                                              "key": {"type": "string"}}}}}}}}}}},
-    },
-    ("monitoring.coreos.com/v1", "PrometheusRule"): {
-        "type": "object", "required": ["spec"],
-        "properties": {"spec": {
-            "type": "object", "required": ["groups"], "additionalProperties": False,
-            "properties": {"groups": {"type": "array", "minItems": 1, "items": {
-                "type": "object", "required": ["name", "rules"],
-                "properties": {"name": {"type": "string"}, "interval": {"type": "string"},
-                               "rules": {"type": "array", "minItems": 1, "items": {
-                                   "type": "object", "required": ["expr"],
-                                   "oneOf": [{"required": ["record"]}, {"required": ["alert"]}],
-                                   "properties": {"expr": {"type": "string", "minLength": 1}}}}}}}}}},
-    },
+                                       "properties": {"name": {"type": "string"},
+                                                      "key": {"type": "string"}}}}}}}}}),
+    ("monitoring.coreos.com/v1", "PrometheusRule"): _cr_schema(["groups"], {
+        "groups": {"type": "array", "minItems": 1, "items": {
+        "type": "object", "required": ["name", "rules"],
+        "properties": {"name": {"type": "string"}, "interval": {"type": "string"},
+                       "rules": {"type": "array", "minItems": 1, "items": {
+                           "type": "object", "required": ["expr"],
+                           "oneOf": [{"required": ["record"]}, {"required": ["alert"]}],
+                           "properties": {"expr": {"type": "string", "minLength": 1}}}}}}}}),
 }
 
 

@@ -314,13 +314,16 @@ def test_the_request_policy_reaches_every_serving_container(
         assert out
         return out
 
-    assert {(p.ignore_eos_tenants, p.tool_call_parser) for p in policies({})} == {("*", None)}
+    assert {(p.ignore_eos_tenants, p.tool_call_parser) for p in policies({})} == {
+        (frozenset(), None)}  # nobody may send ignore_eos unless the values name them
     named = {"serving": {"requestPolicy": {"ignoreEosTenants": ["bench", "loadtest"],
                                            "toolCallParser": "hermes"}}}
     assert {(p.ignore_eos_tenants, p.tool_call_parser) for p in policies(named)} == {
         (frozenset({"bench", "loadtest"}), "hermes")}
+    every = {"serving": {"requestPolicy": {"ignoreEosTenants": ["*"]}}}
+    assert {p.ignore_eos_tenants for p in policies(every)} == {"*"}
     assert schema_errors({"serving": {"requestPolicy": {"ignoreEosTenants": ["a,b"]}}})
-    assert schema_errors({"serving": {"requestPolicy": {"ignoreEosTenants": []}}})
+    assert not schema_errors({"serving": {"requestPolicy": {"ignoreEosTenants": []}}})
 
 
 # --- the operator's tenant bindings ----------------------------------------------------------

@@ -2,7 +2,7 @@
 to ``ApiServices.request_policy`` to the routes, through the real app on the fake engine.
 
 - A tenant the setting does not name gets 403 ``ignore_eos``; a named one is served.
-- ``*`` (the default) lets every tenant send ``ignore_eos``.
+- By default nobody may send ``ignore_eos``; ``*`` lets every tenant send it.
 - A tool parser name vLLM does not know is refused before the app is built.
 """
 
@@ -71,11 +71,27 @@ async def test_a_tenant_not_named_in_the_setting_gets_403(
     assert [q.sampling.ignore_eos for q in fake.requests] == [True]
 
 
+async def test_by_default_no_tenant_may_send_ignore_eos(
+    services: ApiServices, fake: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LORAFLEET_IGNORE_EOS_TENANTS", raising=False)
+    services.request_policy = ServeSettings().request_policy()
+    assert services.request_policy == ApiServices.__dataclass_fields__[
+        "request_policy"].default_factory()  # type: ignore[misc]
+    async with client_for(services) as api:
+        alice = await tenant_key(api, "alice")
+        r = await api.post("/v1/completions", json=completion(ignore_eos=True), headers=alice)
+        assert r.status_code == 403, r.text
+        assert r.json()["error"]["param"] == "ignore_eos"
+        r = await api.post("/v1/completions", json=completion(), headers=alice)
+        assert r.status_code == 200, r.text
+    assert [q.sampling.ignore_eos for q in fake.requests] == [False]
+
+
 async def test_star_lets_every_tenant_send_ignore_eos(
     services: ApiServices, fake: FakeEngine
 ) -> None:
     services.request_policy = ServeSettings(ignore_eos_tenants="*").request_policy()
-    assert ServeSettings().request_policy().ignore_eos_tenants == "*"
     async with client_for(services) as api:
         alice = await tenant_key(api, "alice")
         r = await api.post("/v1/completions", json=completion(ignore_eos=True), headers=alice)
