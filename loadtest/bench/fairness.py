@@ -374,10 +374,10 @@ def run_fairness(out_dir: Path, *, quick: bool, data_dir: Path, console: Console
     opts = servers.LoRAFleetOptions(
         model_dir=model_dir, served_model_name=MODEL, max_loras=plan.max_loras, max_lora_rank=8,
         max_cpu_loras=32, max_num_seqs=plan.max_num_seqs, reserved_cpus=reserved_cpus,
-        data_dir=out_dir / "lorafleet-data", admin_key=admin_key)
+        data_dir=out_dir / "lorafleet-data", admin_key=admin_key,
+        ignore_eos_tenants=FLOOD)  # the flood's policy allows it; steady's does not
     port = servers.free_port()
     cmd, env = servers.lorafleet_command(opts, port)
-    cmd += ["--ignore-eos-tenants", FLOOD]  # the flood's policy allows it; steady's does not
     t0 = time.monotonic()
     with servers.running("lorafleet", cmd, env, port, out_dir / "logs" / "fairness.log",
                          420.0) as srv:

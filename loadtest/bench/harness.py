@@ -148,6 +148,7 @@ def run_system(
             **knobs, data_dir=out_dir / f"{system}-data", admin_key=admin_key,
             scheduling_policy="tokenflow" if system == "lorafleet-tokenflow" else "fcfs",
             stock_lora_ops=system == "lorafleet-stockops",
+            ignore_eos_tenants=TENANT,  # the scenarios' workloads send ignore_eos, as to vLLM
         )
         cmd, env = servers.lorafleet_command(opts, port)
         with servers.running(system, cmd, env, port, log, READY_TIMEOUT_S[system]) as srv:

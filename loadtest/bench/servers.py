@@ -274,6 +274,9 @@ class LoRAFleetOptions(EngineKnobs):
     """``lorafleet serve --scheduling-policy``: fcfs (stock) or tokenflow."""
     stock_lora_ops: bool = False
     """Run vLLM's own CPU LoRA wrapper and ops instead of ours (``LORAFLEET_STOCK_LORA_OPS``)."""
+    ignore_eos_tenants: str = ""
+    """``--ignore-eos-tenants``: the tenants whose workloads send ``ignore_eos`` (the server
+    allows it to nobody unless named; stock vLLM allows it to everyone)."""
 
 
 def lorafleet_command(opts: LoRAFleetOptions, port: int) -> tuple[list[str], dict[str, str]]:
@@ -293,6 +296,7 @@ def lorafleet_command(opts: LoRAFleetOptions, port: int) -> tuple[list[str], dic
         "--max-num-seqs", str(opts.max_num_seqs),
         "--dtype", opts.dtype,
         "--scheduling-policy", opts.scheduling_policy,
+        "--ignore-eos-tenants", opts.ignore_eos_tenants,
     ]
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", VLLM_CPU_NUM_OF_RESERVED_CPU=str(opts.reserved_cpus),

@@ -98,6 +98,7 @@ def demo_server(data: Path, extra_args: Sequence[str] = (), timeout_s: float = 4
     stopped (SIGINT, then SIGKILL) on exit."""
     from lorafleet.serving.demo import DEMO_MODEL_NAME
     from lorafleet.serving.demo.basemodel import prepare_base_model
+    from lorafleet.serving.seed import DEMO_TENANTS
 
     model = prepare_base_model(DATA_DIR / "models" / DEMO_MODEL_NAME, progress=False)
     port = free_port()
@@ -106,7 +107,9 @@ def demo_server(data: Path, extra_args: Sequence[str] = (), timeout_s: float = 4
         sys.executable, "-m", "lorafleet.serving.cli", "serve", "--demo",
         "--model-dir", str(model), "--data-dir", str(data), "--port", str(port),
         "--replicas", "2", "--max-model-len", "1024", "--kv-cache-gib", "0.5", "--dtype", "float32",
-        "--max-loras", "4", "--max-lora-rank", "16", *extra_args,
+        "--max-loras", "4", "--max-lora-rank", "16",
+        # The fault and e2e suites' streams run to their output limit on the demo tenants.
+        "--ignore-eos-tenants", ",".join(DEMO_TENANTS), *extra_args,
     ]
     env = {**os.environ, "VLLM_CACHE_ROOT": str(DATA_DIR / "vllm-cache")}
     with log.open("wb") as out:

@@ -109,7 +109,7 @@ def _fleet(root: Path, model: Path, sources: Path, temp_dir: str) -> Iterator[Fl
         settings = ServeSettings(
             host="127.0.0.1", port=port, data_dir=root / "builder", admin_key="test-admin-key",
             registry_url=f"sqlite:///{root / 'registry.db'}", replicas=ENGINE_REPLICAS,
-            adapter_store=(root / "store").as_uri())
+            adapter_store=(root / "store").as_uri(), ignore_eos_tenants="*")
         engine_config = EngineConfig(
             model_dir=str(model), served_model_name=TINY_MODEL_NAME, dtype="float32",
             max_model_len=2048, max_loras=2, max_lora_rank=16, max_cpu_loras=4,

@@ -21,6 +21,7 @@ from localserve import Redis
 
 from lorafleet.serving.api.app import build_app
 from lorafleet.serving.api.quotas_redis import RedisQuotaBook
+from lorafleet.serving.api.request_policy import RequestPolicy
 from lorafleet.serving.api.services import ApiServices
 from lorafleet.serving.assemble import make_services
 from lorafleet.serving.demo.basemodel import TINY_MODEL_NAME
@@ -55,6 +56,7 @@ async def ingresses(engine: Any, engine_config: Any, tmp_path: Path,
                           registry_url=redis.url, data_dir=tmp_path / f"ingress-{n}",
                           admin_key=ADMIN_KEY)
         assert isinstance(s.quotas, RedisQuotaBook)
+        s.request_policy = RequestPolicy(ignore_eos_tenants="*")  # streams of a known length
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(s)),
                                    base_url="http://lorafleet", timeout=120)
         out.append((s, client))

@@ -74,10 +74,11 @@ async def test_a_tenant_not_named_in_the_setting_gets_403(
 async def test_by_default_no_tenant_may_send_ignore_eos(
     services: ApiServices, fake: FakeEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from lorafleet.serving.api.request_policy import RequestPolicy
+
     monkeypatch.delenv("LORAFLEET_IGNORE_EOS_TENANTS", raising=False)
     services.request_policy = ServeSettings().request_policy()
-    assert services.request_policy == ApiServices.__dataclass_fields__[
-        "request_policy"].default_factory()  # type: ignore[misc]
+    assert services.request_policy == RequestPolicy()  # one default, wherever it is built
     async with client_for(services) as api:
         alice = await tenant_key(api, "alice")
         r = await api.post("/v1/completions", json=completion(ignore_eos=True), headers=alice)
