@@ -15,16 +15,20 @@ from pathlib import Path
 import httpx
 import pytest
 from adapterfiles import node_files
+from fastapi import FastAPI
 
 from lorafleet.serving.api.app import build_app
+from lorafleet.serving.api.services import ApiServices
 from lorafleet.serving.assemble import make_services
 from lorafleet.serving.config import EngineConfig
 from lorafleet.serving.demo.basemodel import TINY_MODEL_NAME, make_random_adapter, make_tiny_model
 from lorafleet.serving.engine.client import LocalEngineClient
+from lorafleet.serving.engine.protocol import Engine
 from lorafleet.serving.engine.vllm_engine import VLLMEngine
 
 DATA_DIR = Path(os.environ.get("LORAFLEET_DATA_DIR", Path(__file__).resolve().parents[2] / ".lorafleet"))
 ADMIN_KEY = "test-admin-key"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 # name -> (rank, target modules): different ranks and targets in one batch.
 ADAPTERS = {
@@ -76,26 +80,31 @@ async def engine(engine_config: EngineConfig,
     await e.shutdown()
 
 
+def api_services(config: EngineConfig, engine: Engine, data_dir: Path) -> ApiServices:
+    """The real API services on `engine`: a SQLite registry in `data_dir`, admin key ADMIN_KEY."""
+    return make_services(engine_config=config, engines=LocalEngineClient([engine]),
+                         registry_url=f"sqlite:///{data_dir / 'registry.db'}", data_dir=data_dir,
+                         admin_key=ADMIN_KEY)
+
+
+def asgi_client(app: FastAPI, timeout: float = 30.0) -> httpx.AsyncClient:
+    """A client of `app` in process (no server, no socket)."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://lorafleet",
+                             timeout=timeout)
+
+
 @pytest.fixture
 async def services(engine: VLLMEngine, engine_config: EngineConfig, tmp_path: Path):
     for adapter_id in (await engine.stats()).resident_adapters:
         await engine.unload_adapter(adapter_id)
-    s = make_services(
-        engine_config=engine_config,
-        engines=LocalEngineClient([engine]),
-        registry_url=f"sqlite:///{tmp_path / 'registry.db'}",
-        data_dir=tmp_path,
-        admin_key=ADMIN_KEY,
-    )
+    s = api_services(engine_config, engine, tmp_path)
     yield s
     await s.registry.close()
 
 
 @pytest.fixture
 async def client(services) -> AsyncIterator[httpx.AsyncClient]:
-    app = build_app(services)
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://lorafleet", timeout=120) as c:
+    async with asgi_client(build_app(services), timeout=120) as c:
         yield c
 
 

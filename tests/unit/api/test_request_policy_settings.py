@@ -8,39 +8,22 @@ to ``ApiServices.request_policy`` to the routes, through the real app on the fak
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from fakeengine import FakeEngine
+from tinyengine import ADMIN, asgi_client
 
 from lorafleet.serving.api.app import build_app
 from lorafleet.serving.api.openai_routes import check_tool_parser
 from lorafleet.serving.api.services import ApiServices
-from lorafleet.serving.assemble import make_services
-from lorafleet.serving.config import EngineConfig, ServeSettings
+from lorafleet.serving.config import ServeSettings
 from lorafleet.serving.demo.basemodel import TINY_MODEL_NAME
-from lorafleet.serving.engine.client import LocalEngineClient
-
-ADMIN = {"Authorization": "Bearer test-admin"}
-
-
-@pytest.fixture
-async def services(tiny_model: Path, fake: FakeEngine, tmp_path: Path) -> AsyncIterator[ApiServices]:
-    config = EngineConfig(model_dir=str(tiny_model), served_model_name=TINY_MODEL_NAME,
-                          max_model_len=512)
-    s = make_services(engine_config=config, engines=LocalEngineClient([fake]),
-                      registry_url=f"sqlite:///{tmp_path / 'registry.db'}",
-                      data_dir=tmp_path, admin_key="test-admin")
-    yield s
-    await s.registry.close()
 
 
 def client_for(services: ApiServices) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(services)),
-                             base_url="http://lorafleet", timeout=30)
+    return asgi_client(build_app(services))
 
 
 async def tenant_key(api: httpx.AsyncClient, name: str) -> dict[str, str]:

@@ -11,42 +11,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
-import pytest
-from fakeengine import FakeEngine
+from tinyengine import ADMIN
 
 from lorafleet.loadtest.bench.overhead import histograms
-from lorafleet.serving.api.app import build_app
 from lorafleet.serving.api.services import ApiServices
-from lorafleet.serving.assemble import make_services
-from lorafleet.serving.config import EngineConfig
 from lorafleet.serving.demo.basemodel import TINY_MODEL_NAME
 from lorafleet.serving.deploy import timed
-from lorafleet.serving.engine.client import LocalEngineClient
 from lorafleet.serving.engine.protocol import TokenDelta
 from lorafleet.serving.metrics import ReplicaHopMetrics
 
-ADMIN = {"Authorization": "Bearer test-admin"}
 
-
-@pytest.fixture
-async def served(tiny_model: Path, fake: FakeEngine, tmp_path: Path
-                 ) -> AsyncIterator[tuple[httpx.AsyncClient, ApiServices]]:
-    config = EngineConfig(model_dir=str(tiny_model), served_model_name=TINY_MODEL_NAME,
-                          max_model_len=512)
-    services = make_services(engine_config=config, engines=LocalEngineClient([fake]),
-                             registry_url=f"sqlite:///{tmp_path / 'registry.db'}",
-                             data_dir=tmp_path, admin_key="test-admin")
-    transport = httpx.ASGITransport(app=build_app(services))
-    async with httpx.AsyncClient(transport=transport, base_url="http://lorafleet", timeout=30) as c:
-        yield c, services
-    await services.registry.close()
-
-
-async def test_a_stream_passes_its_stages_in_order_and_each_chunk_is_timed(served) -> None:
-    api, services = served
+async def test_a_stream_passes_its_stages_in_order_and_each_chunk_is_timed(
+        api: httpx.AsyncClient, services: ApiServices) -> None:
     r = await api.post("/admin/v1/tenants", json={"name": "alice"}, headers=ADMIN)
     assert r.status_code == 201, r.text
     r = await api.post("/admin/v1/tenants/alice/keys", json={}, headers=ADMIN)

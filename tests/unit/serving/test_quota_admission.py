@@ -10,34 +10,14 @@ tokenizer the tiny test model's, the registry SQLite: seconds, no vLLM.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from fakeengine import FakeEngine
+from tinyengine import ADMIN
 
-from lorafleet.serving.api.app import build_app
-from lorafleet.serving.assemble import make_services
-from lorafleet.serving.config import EngineConfig
 from lorafleet.serving.demo.basemodel import TINY_MODEL_NAME
-from lorafleet.serving.engine.client import LocalEngineClient
-
-ADMIN = {"Authorization": "Bearer test-admin"}
-
-
-@pytest.fixture
-async def api(tiny_model: Path, fake: FakeEngine, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    config = EngineConfig(model_dir=str(tiny_model), served_model_name=TINY_MODEL_NAME,
-                          max_model_len=512)
-    services = make_services(engine_config=config, engines=LocalEngineClient([fake]),
-                             registry_url=f"sqlite:///{tmp_path / 'registry.db'}",
-                             data_dir=tmp_path, admin_key="test-admin")
-    transport = httpx.ASGITransport(app=build_app(services))
-    async with httpx.AsyncClient(transport=transport, base_url="http://lorafleet", timeout=30) as c:
-        yield c
-    await services.registry.close()
 
 
 async def tenant_key(api: httpx.AsyncClient, quota: dict[str, int]) -> dict[str, str]:

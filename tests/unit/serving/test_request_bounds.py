@@ -18,14 +18,14 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from fakeengine import FakeEngine
 from fastapi import FastAPI
+from tinyengine import ADMIN
+from tinyengine import asgi_client as client_for
 
 from lorafleet.serving.api.admin_routes import build_admin_router
 from lorafleet.serving.api.app import build_app
@@ -33,12 +33,7 @@ from lorafleet.serving.api.errors import install_error_handlers
 from lorafleet.serving.api.openai_routes import build_openai_router
 from lorafleet.serving.api.request_policy import RequestPolicy
 from lorafleet.serving.api.services import ApiServices
-from lorafleet.serving.assemble import make_services
-from lorafleet.serving.config import EngineConfig
 from lorafleet.serving.demo.basemodel import TINY_MODEL_NAME
-from lorafleet.serving.engine.client import LocalEngineClient
-
-ADMIN = {"Authorization": "Bearer test-admin"}
 
 
 class CountingTokenizer:
@@ -64,26 +59,10 @@ class CountingTokenizer:
 
 
 @pytest.fixture
-async def services(tiny_model: Path, fake: FakeEngine, tmp_path: Path) -> AsyncIterator[ApiServices]:
-    config = EngineConfig(model_dir=str(tiny_model), served_model_name=TINY_MODEL_NAME,
-                          max_model_len=512)
-    s = make_services(engine_config=config, engines=LocalEngineClient([fake]),
-                      registry_url=f"sqlite:///{tmp_path / 'registry.db'}",
-                      data_dir=tmp_path, admin_key="test-admin")
-    s.renderer.tokenizer = CountingTokenizer(s.renderer.tokenizer)
-    yield s
-    await s.registry.close()
-
-
-def client_for(app: FastAPI) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://lorafleet",
-                             timeout=30)
-
-
-@pytest.fixture
-async def api(services: ApiServices) -> AsyncIterator[httpx.AsyncClient]:
-    async with client_for(build_app(services)) as c:
-        yield c
+def services(services: ApiServices) -> ApiServices:
+    """The unit layer's services, their tokenizer counting the threads it runs on."""
+    services.renderer.tokenizer = CountingTokenizer(services.renderer.tokenizer)
+    return services
 
 
 async def tenant_key(api: httpx.AsyncClient, name: str, quota: dict[str, int]) -> dict[str, str]:
