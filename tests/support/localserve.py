@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -141,6 +142,19 @@ def demo_server(data: Path, extra_args: Sequence[str] = (), timeout_s: float = 4
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def stop_ray_cluster(cluster: Any) -> None:
+    """Serve, this process's Ray connection, then every node of `cluster` (a
+    ``ray.cluster_utils.Cluster``): the nodes go even when stopping Serve failed."""
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 @contextmanager

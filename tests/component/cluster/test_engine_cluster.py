@@ -37,7 +37,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from localserve import DATA_DIR, free_port, ray_sandbox
+from localserve import DATA_DIR, free_port, ray_sandbox, stop_ray_cluster
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
@@ -122,10 +122,8 @@ def _fleet(root: Path, model: Path, sources: Path, temp_dir: str) -> Iterator[Fl
         yield f
     finally:
         try:
-            serve.shutdown()
+            stop_ray_cluster(cluster)
         finally:
-            ray.shutdown()
-            cluster.shutdown()
             _kill_leftovers(f.pids)
 
 

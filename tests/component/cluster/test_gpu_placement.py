@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from localserve import free_port, ray_sandbox
+from localserve import free_port, ray_sandbox, stop_ray_cluster
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
@@ -54,11 +54,7 @@ def _serve_on_cluster(temp_dir: str) -> Iterator[dict[str, str]]:
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
         yield {"head": cluster.head_node.node_id, "gpu": worker.node_id}
     finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
+        stop_ray_cluster(cluster)
 
 
 @ray.remote
