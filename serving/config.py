@@ -52,7 +52,13 @@ class EngineSettings(BaseModel):
     )
     max_model_len: int = Field(default=2048, ge=64, description="Context length (prompt + output).")
     max_num_seqs: int = Field(default=64, ge=1, description="Most sequences in one batch.")
-    max_loras: int = Field(default=4, ge=1, description="Adapter slots in one batch.")
+    max_loras: int | None = Field(
+        default=None, ge=1,
+        description="Adapter slots in one batch (distinct adapters running at once). None: "
+        "sized to the platform (lora_slots): on the CPU min(max_num_seqs, max_cpu_loras), "
+        "since a slot there costs only host memory (docs/decisions/0022-lora-slots.md); "
+        "on a GPU 4, since slots take memory the KV cache could use.",
+    )
     max_lora_rank: int = Field(
         default=32, ge=1,
         description="Largest adapter rank accepted (higher ranks are refused at import); on the "
@@ -63,6 +69,18 @@ class EngineSettings(BaseModel):
     )
     kv_cache_gib: float = Field(
         default=2.0, ge=1 / 1024, description="KV cache size of one replica, in GiB (at least 1 MiB).",
+    )
+    lora_slot_wait_s: float = Field(
+        default=2.0, gt=0,
+        description="An adapter request kept waiting this long for a free adapter slot gets "
+        "the next one: the resident adapter that frees soonest takes no new requests until it "
+        "drains (both policies; lorafleet.serving.scheduling.slots).",
+    )
+    lora_tenant_slot_share: float = Field(
+        default=0.5, gt=0, le=1,
+        description="Most of a replica's adapter slots one tenant's adapters may hold while "
+        "another tenant has adapter requests running or waiting (a tenant alone may use all; "
+        "at least one slot each).",
     )
     scheduling_policy: SchedulingPolicy = Field(
         default="fcfs",
@@ -144,6 +162,35 @@ class EngineSettings(BaseModel):
         return v
 
 
+GPU_LORA_SLOTS = 4
+"""Adapter slots on a GPU when none are given: each slot's buffers (padded to max_lora_rank)
+come out of the memory the KV cache would get."""
+
+
+def lora_slots(max_num_seqs: int, max_cpu_loras: int, *, gpu: bool) -> int:
+    """Adapter slots of a replica whose settings leave ``max_loras`` unset.
+
+    On the CPU a slot costs host memory only (SmolLM2-135M at rank 32, fp32: 37 MiB of LoRA
+    buffers) and no time per step (that follows the adapters a batch holds), so there are as
+    many as a batch can use, ``max_num_seqs``: no request waits for a slot while it has a seat.
+    vLLM refuses more slots than adapters held in host memory (``max_cpu_loras``)."""
+    if gpu:
+        return min(GPU_LORA_SLOTS, max_cpu_loras)
+    return min(max_num_seqs, max_cpu_loras)
+
+
+def _wants_gpu(num_gpus: Any) -> bool:
+    """Whether a replica with this ``num_gpus`` runs on a GPU: a number above 0, or ``auto``
+    where this process sees a CUDA device (the rule ``placement.replica_resources`` applies)."""
+    if num_gpus != "auto":
+        return float(num_gpus) > 0
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
 # EngineConfig's byte spellings of EngineSettings' GiB fields.
 _BYTES_FIELDS = {
     "kv_cache_bytes": "kv_cache_gib",
@@ -173,6 +220,10 @@ class EngineConfig(EngineSettings):
     exactly: the factor is a power of two).
     """
 
+    max_loras: int = Field(
+        ge=1, description="Adapter slots in one batch: EngineSettings.max_loras, or lora_slots "
+        "of the platform when that is unset.",
+    )
     model_dir: str = Field(description="Directory of the base model (HF layout, safetensors).")
     served_model_name: str = Field(description="Name of the base model in the API and in adapters.")
     block_size: int = Field(default=32, description="KV block size in tokens (multiple of 32 on CPU).")
@@ -197,7 +248,16 @@ class EngineConfig(EngineSettings):
     @model_validator(mode="before")
     @classmethod
     def _bytes_spelling(cls, data: Any) -> Any:
-        return _gib_spelling(data) if isinstance(data, Mapping) else data
+        if not isinstance(data, Mapping):
+            return data
+        data = _gib_spelling(data)
+        if data.get("max_loras") is None:  # sized once, where the config is built
+            fields = EngineSettings.model_fields
+            data["max_loras"] = lora_slots(
+                int(data.get("max_num_seqs", fields["max_num_seqs"].default)),
+                int(data.get("max_cpu_loras", fields["max_cpu_loras"].default)),
+                gpu=_wants_gpu(data.get("num_gpus", fields["num_gpus"].default)))
+        return data
 
     @classmethod
     def of(cls, settings: EngineSettings, **where: Any) -> EngineConfig:

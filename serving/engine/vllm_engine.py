@@ -49,15 +49,18 @@ def _apply_vllm_environment(config: EngineConfig) -> None:
 
 
 def scheduling_engine_args(config: EngineConfig, metrics_path: str | None = None) -> dict[str, Any]:
-    """Engine args that plug LoRAFleet's scheduler in (none for stock fcfs). The engine core
-    writes its ``lorafleet_*`` metrics to ``metrics_path`` (it is another process)."""
-    if config.scheduling_policy == "fcfs":
+    """Engine args that plug LoRAFleet's scheduler in. fcfs needs it only where a batch can
+    hold more adapters than there are slots (its slot admission, ``scheduling.slots``);
+    otherwise fcfs is stock vLLM. The engine core writes its ``lorafleet_*`` metrics to
+    ``metrics_path`` (it is another process)."""
+    fcfs = config.scheduling_policy == "fcfs"
+    if fcfs and config.max_loras >= config.max_num_seqs:
         return {}
     from ..scheduling.vllm_scheduler import CONFIG_KEY, SCHEDULER_CLS, check_vllm_version
 
     check_vllm_version()
     offload: dict[str, Any] = {}
-    if config.kv_offload_host_bytes > 0:
+    if config.kv_offload_host_bytes > 0 and not fcfs:
         from vllm.config import KVTransferConfig
 
         from ..kvcache.connector import CONNECTOR_NAME
@@ -80,6 +83,8 @@ def scheduling_engine_args(config: EngineConfig, metrics_path: str | None = None
             "max_running": config.scheduling_max_running,
             "default_consumption_rate": config.default_consumption_rate,
             "params": dict(config.scheduling_params),
+            "slots": {"wait_s": config.lora_slot_wait_s,
+                      "tenant_share": config.lora_tenant_slot_share},
             "metrics_path": metrics_path,
         }},
     }

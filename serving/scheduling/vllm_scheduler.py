@@ -1,12 +1,14 @@
-"""vLLM's scheduler with the TokenFlow policy in front: a translator, nothing more.
+"""vLLM's scheduler with a LoRAFleet policy in front: a translator, nothing more.
 
 Boundary: the only module of this package that imports vLLM. Before each of vLLM's own
-``schedule()`` calls it builds :class:`RequestView`s from vLLM's queues, asks the policy for a
-:class:`Plan`, and applies it: pauses are vLLM's own recompute preemption
-(``_preempt_request``; KV blocks stay in the prefix cache until evicted, and a KV connector may
-keep a copy elsewhere), requests the plan holds back are *parked* outside vLLM's waiting queue,
-and the rest of the waiting queue is reordered to the plan's start order. vLLM then admits in
-that order under its own limits (token budget, KV, ``max_loras``).
+``schedule()`` calls it builds :class:`RequestView`s from vLLM's queues, asks the policy
+(tokenflow or fcfs) for a :class:`Plan`, narrows it by adapter-slot admission
+(``slots.decide_slots``: bounded wait, per-tenant share), and applies it: pauses are vLLM's
+own recompute preemption (``_preempt_request``; KV blocks stay in the prefix cache until
+evicted, and a KV connector may keep a copy elsewhere), requests the plan holds back are
+*parked* outside vLLM's waiting queue, and the rest of the waiting queue is reordered to the
+plan's start order. vLLM then admits in that order under its own limits (token budget, KV,
+``max_loras``).
 
 Pinned to vLLM 0.32.0: ``Scheduler`` internals are not a public API.
 
@@ -40,6 +42,7 @@ from .model import (
     TokenFlowParams,
 )
 from .policy import make_policy
+from .slots import SlotParams, decide_slots
 from .step_cost import StepCostModel
 from .tracking import RequestTrack
 
@@ -58,6 +61,13 @@ def check_vllm_version(version: str = vllm.__version__) -> None:
         )
 
 
+def adapter_tenant(lora_name: str) -> str | None:
+    """The tenant of an adapter from the name the engine gives vLLM (``tenant/name@digest``,
+    ``adapters.model.adapter_id_of``); ``None`` for a name of another shape."""
+    tenant, sep, _ = lora_name.partition("/")
+    return tenant if sep else None
+
+
 def request_extra(request: Request) -> dict[str, Any]:
     extra = request.sampling_params.extra_args if request.sampling_params else None
     return dict((extra or {}).get(EXTRA_ARGS_KEY) or {})
@@ -74,6 +84,9 @@ class TokenFlowScheduler(Scheduler):
         cfg = dict((self.vllm_config.additional_config or {}).get(CONFIG_KEY) or {})
         params = TokenFlowParams(**cfg.get("params", {}))
         self._policy = make_policy(cfg.get("policy", "tokenflow"), params)
+        # fcfs needs no step cost: its plan only changes when someone waits for a slot.
+        self._rate_aware = cfg.get("policy", "tokenflow") != "fcfs"
+        self._slots = SlotParams(**cfg.get("slots", {}))
         self._max_running = min(int(cfg.get("max_running") or self.max_num_running_reqs),
                                 self.max_num_running_reqs)
         self._default_rate = float(cfg.get("default_consumption_rate") or DEFAULT_CONSUMPTION_RATE)
@@ -196,6 +209,7 @@ class TokenFlowScheduler(Scheduler):
             reader_tokens=track.reader_tokens,
             reader_at=track.reader_at,
             adapter_id=str(lora.lora_int_id) if lora is not None else None,
+            tenant=adapter_tenant(lora.lora_name) if lora is not None else None,
             # A request vLLM preempted by itself has no pause time of ours: paused "now".
             paused_since=(
                 (track.paused_since if track.paused_since is not None else now)
@@ -211,8 +225,8 @@ class TokenFlowScheduler(Scheduler):
         # remote KV or streaming input, and KV-holding waiters, stay exactly where vLLM put them.
         movable = [r for r in self.waiting if r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)]
         step_cost = self._step_cost.estimate
-        if not movable and not self._parked and step_cost is None:
-            # Nothing waits and no reading-rate cap yet: nothing to pause, nothing to reorder.
+        if not movable and not self._parked and (step_cost is None or not self._rate_aware):
+            # Nothing waits and no reading-rate cap (yet): nothing to pause, nothing to reorder.
             # With a step cost the plan runs every step: the cap may pause a running stream
             # even when nobody waits (a burst admitted in one step).
             return
@@ -226,7 +240,7 @@ class TokenFlowScheduler(Scheduler):
         cap = Capacity(max_running=self._max_running, max_loras=self._max_loras,
                        kv_blocks=self.cache_config.num_gpu_blocks, block_size=self.block_size,
                        step_cost=step_cost)
-        plan = self._policy(views, cap, now)
+        plan = decide_slots(self._policy(views, cap, now), views, cap, now, self._slots)
 
         running_by_id = {r.request_id: r for r in self.running}
         stamp = time.monotonic()

@@ -189,7 +189,8 @@ def test_app_args_nest_the_same_settings() -> None:
 
 NON_DEFAULT = {
     "dtype": "float32", "maxModelLen": 1024, "maxNumSeqs": 8, "maxLoras": 2, "maxLoraRank": 16,
-    "maxCpuLoras": 6, "kvCacheGib": 0.5, "gpusPerReplica": 0, "tensorParallelSize": 1,
+    "maxCpuLoras": 6, "loraSlotWaitS": 3.5, "loraTenantSlotShare": 0.25,
+    "kvCacheGib": 0.5, "gpusPerReplica": 0, "tensorParallelSize": 1,
     "placementStrategy": "PACK",
     "scheduling": {"policy": "tokenflow", "defaultConsumptionRate": 3, "maxRunning": 4,
                    "params": {"resume_margin_s": 2}, "kvOffloadGib": 0.25,

@@ -23,8 +23,25 @@ def test_policy_knobs_reach_the_scheduler_by_name():
     assert args["kv_transfer_config"].kv_connector == "PauseOffloadConnector"
 
 
-def test_fcfs_is_stock_vllm():
-    assert scheduling_engine_args(config(), "/tmp/core.prom") == {}
+def test_fcfs_is_stock_vllm_where_every_sequence_can_have_a_slot():
+    assert scheduling_engine_args(config(max_num_seqs=16, max_loras=16), "/tmp/core.prom") == {}
+
+
+def test_fcfs_with_fewer_slots_than_sequences_gets_slot_admission_and_no_offload():
+    args = scheduling_engine_args(
+        config(max_num_seqs=16, max_loras=8, lora_slot_wait_s=3.0, lora_tenant_slot_share=0.25),
+        "/tmp/core.prom")
+    sched = args["additional_config"]["lorafleet_scheduling"]
+    assert sched["policy"] == "fcfs"
+    assert sched["slots"] == {"wait_s": 3.0, "tenant_share": 0.25}
+    assert "kv_transfer_config" not in args
+
+
+def test_unset_slots_are_sized_to_the_platform():
+    assert config(max_num_seqs=16, max_cpu_loras=32, num_gpus=0).max_loras == 16
+    assert config(max_num_seqs=64, max_cpu_loras=32, num_gpus=0).max_loras == 32
+    assert config(max_num_seqs=64, num_gpus=1).max_loras == 4
+    assert config(max_num_seqs=64, max_loras=6, num_gpus=0).max_loras == 6
 
 
 def test_unknown_knobs_are_refused_with_the_known_names():
