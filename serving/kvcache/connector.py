@@ -29,9 +29,12 @@ worker writes and evicts, the scheduler only checks and claims. Everything the s
 counts (``lorafleet_kv_offload_*``) it knows itself, so the counters live in the engine-core
 process, which exports them (the worker's own counters would never be scraped).
 
-Copies are synchronous, through host memory, before the step's forward. On CUDA they would
-belong on a side stream with pinned buffers to overlap compute (not built: see
-docs/scheduling.md).
+Copies go through :class:`~.transfer.BlockCopier`: every layer of a request's blocks at
+once, staged in reused host buffers (pinned on CUDA). On CUDA they run on a side stream and
+the forward pass waits, layer by layer (``wait_for_layer_load``), only for what that layer
+needs; a save's bytes reach the tiers once its copy to the host is done (at the latest in
+the next step). On the CPU backend every copy completes inside ``start_load_kv``. Why ours
+and not vLLM's OffloadingConnector or LMCache: docs/decisions/0021-kv-offload-path.md.
 
 Plugged in with ``kv_transfer_config={"kv_connector": "PauseOffloadConnector",
 "kv_connector_module_path": __name__, "kv_role": "kv_both", "kv_connector_extra_config":
@@ -58,6 +61,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from ..scheduling.metrics import offload_metrics
 from .tiers import FileTier, TieredStore
+from .transfer import BlockCopier, Pending, block_bytes
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -91,21 +95,6 @@ def open_store(engine_id: str, extra: dict[str, Any]) -> TieredStore:
     host_dir, disk_dir = tier_dirs(engine_id, extra)
     disk = FileTier(disk_dir, int(extra.get("disk_bytes", 4 << 30))) if disk_dir else None
     return TieredStore(FileTier(host_dir, int(extra.get("host_bytes", 1 << 30))), disk)
-
-
-def block_to_bytes(layers: list[torch.Tensor], block: int) -> bytes:
-    """One block of every layer, as raw bytes (any dtype, bf16 included; device tensors are
-    copied to the host first, synchronously)."""
-    blob = torch.stack([layer[block] for layer in layers]).contiguous().cpu()
-    return blob.view(torch.uint8).numpy().tobytes()
-
-
-def bytes_to_block(layers: list[torch.Tensor], block: int, data: bytes) -> None:
-    """Write what :func:`block_to_bytes` produced back into ``block`` of every layer."""
-    shape = (len(layers), *layers[0][block].shape)
-    blob = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(layers[0].dtype).view(shape)
-    for layer, values in zip(layers, blob, strict=True):
-        layer[block].copy_(values)
 
 
 @dataclass
@@ -145,8 +134,15 @@ class PauseOffloadConnector(KVConnectorBase_V1):
         self._saved: dict[str, int] = {}
         """request id -> leading full blocks ever sent to the tiers."""
         self._claims: dict[str, list[Path]] = {}
+        self._num_blocks = kv_cache_config.num_blocks if kv_cache_config is not None else 0
         # Worker side.
         self._kv_caches: dict[str, torch.Tensor] = {}
+        self._copier: BlockCopier | None = None
+        self._layer_of: dict[str, int] = {}
+        """Layer name -> index of its (possibly shared) KV tensor in the copier."""
+        self._saving: list[tuple[list[str], Pending]] = []
+        """Saves whose copy to the host may still run: their store keys, in block order."""
+        self._loading: list[Pending] = []
         if role == KVConnectorRole.WORKER:
             atexit.register(self._remove_tiers)
 
@@ -234,34 +230,72 @@ class PauseOffloadConnector(KVConnectorBase_V1):
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._kv_caches = dict(kv_caches)
-
-    def _layers(self) -> list[torch.Tensor]:
         # Layers may share one tensor; copy each distinct buffer once.
-        seen: dict[int, torch.Tensor] = {}
+        index: dict[int, int] = {}
+        layers: list[torch.Tensor] = []
         for name in sorted(self._kv_caches):
             t = self._kv_caches[name]
-            seen.setdefault(t.data_ptr(), t)
-        return list(seen.values())
+            if t.data_ptr() not in index:
+                index[t.data_ptr()] = len(layers)
+                layers.append(t)
+            self._layer_of[name] = index[t.data_ptr()]
+        num_blocks = self._num_blocks or layers[0].shape[0]
+        self._copier = BlockCopier.for_device(layers, num_blocks) if layers else None
+
+    def _flush_saves(self, wait: bool) -> None:
+        """Hand finished saves' bytes to the tiers (all of them when ``wait``)."""
+        assert self._copier is not None
+        still: list[tuple[list[str], Pending]] = []
+        for keys, pending in self._saving:
+            if not wait and not pending.ready():
+                still.append((keys, pending))
+                continue
+            pending.wait()
+            for i, key in enumerate(keys):
+                self.store.put(key, block_bytes(pending.block(i)))
+            self._copier.buffers.give(pending.host)
+        self._saving = still
+
+    def _release_loads(self) -> None:
+        assert self._copier is not None
+        for pending in self._loading:
+            pending.wait()
+            self._copier.buffers.give(pending.host)
+        self._loading = []
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, PauseOffloadMetadata)
+        if self._copier is None:
+            return
+        self._release_loads()  # the previous step's forward has waited for them
+        self._flush_saves(wait=False)
         if not meta.saves and not meta.loads and not meta.discards:
             return
-        layers = self._layers()
+        copier = self._copier
         for t in meta.saves:  # saves first: a freed block may be someone's new block this step
-            for i, block in enumerate(t.block_ids):
-                self.store.put(block_key(t.request_id, t.first_index + i), block_to_bytes(layers, block))
+            keys = [block_key(t.request_id, t.first_index + i) for i in range(len(t.block_ids))]
+            self._saving.append((keys, copier.save(t.block_ids)))
+        for t in meta.loads:
+            paths = [Path(c) for c in t.claims]
+            host = copier.pack([p.read_bytes() for p in paths])
+            self._loading.append(copier.load(t.block_ids, host))
+            for p in paths:
+                p.unlink(missing_ok=True)
+        # On the CPU every save is done: its bytes go out now. Discards come last, after
+        # every save that could write the same keys.
+        self._flush_saves(wait=bool(meta.discards))
         for key in meta.discards:
             self.store.discard(key)
-        for t in meta.loads:
-            for block, claim in zip(t.block_ids, t.claims, strict=True):
-                path = Path(claim)
-                bytes_to_block(layers, block, path.read_bytes())
-                path.unlink(missing_ok=True)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return
+        if self._copier is None:
+            return
+        index = self._layer_of.get(layer_name)
+        if index is None:  # a layer we cannot place: wait for every copy (correct, slower)
+            self._copier.wait_all()
+        else:
+            self._copier.wait_layer(index)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any,
                       **kwargs: Any) -> None:

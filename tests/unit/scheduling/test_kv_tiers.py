@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -90,20 +88,3 @@ def test_file_tier_never_exceeds_capacity_and_keeps_the_newest(tmp_path_factory,
         assert set(tier.keys()) == set(model)
     for k, v in model.items():
         assert tier.path(k).read_bytes() == v
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_a_block_round_trips_through_bytes_in_every_kv_dtype(dtype):
-    from lorafleet.serving.kvcache.connector import block_to_bytes, bytes_to_block
-
-    # Two layers of a paged cache: [blocks, 2 (k/v), block_size, heads, head_dim].
-    layers = [torch.randn(5, 2, 4, 3, 8).to(dtype) for _ in range(2)]
-    data = block_to_bytes(layers, 3)
-    assert len(data) == 2 * layers[0][3].numel() * layers[0].element_size()
-    expected = [layer[3].clone() for layer in layers]
-    others = [layer[2].clone() for layer in layers]
-    for layer in layers:
-        layer[3].zero_()
-    bytes_to_block(layers, 3, data)
-    for layer, want, other in zip(layers, expected, others, strict=True):
-        assert torch.equal(layer[3], want) and torch.equal(layer[2], other)
