@@ -328,7 +328,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         q.add_argument("--keys-file", default=".lorafleet/demo-keys.json",
                        help="JSON {tenant: key} (the demo writes one)")
         q.add_argument("--duration", type=float, default=300, help="stop after this many seconds")
-        q.add_argument("--max-tokens", type=int, default=32, help="tokens per request (ignore_eos)")
+        q.add_argument("--max-tokens", type=int, default=32,
+                       help="tokens per request (ignore_eos: the server must name the keys' "
+                       "tenants in --ignore-eos-tenants)")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--out", type=Path, required=True, help="write the JSON here")
 
