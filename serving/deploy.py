@@ -44,6 +44,21 @@ from .placement import (
 log = logging.getLogger(__name__)
 APP_NAME = "lorafleet"
 
+STREAMING_ENVIRONMENT = {
+    # Streamed items between deployments (replica -> ingress) and the proxy's calls to the
+    # ingress go over direct gRPC streams instead of Ray object references: one message per
+    # item instead of an object-store put, a report to the owner and a fetch.
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    # Each replica runs user code and its router on its own event loop: no hop between
+    # threads (and the GIL handover it costs) per request and per streamed item.
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
+"""Ray Serve settings of the streaming path, for every Ray process (the gateway's cost per
+token: docs/decisions/0024-gateway-overhead.md). Ray reads them at import: they must be in
+the environment of the Ray nodes (``lorafleet serve`` sets them for the cluster it starts;
+a value already set wins)."""
+
 
 class _ResidentAdapter:
     """What the multiplexer caches per adapter; unloading it frees the engine's copy."""
@@ -481,8 +496,11 @@ def run(settings: ServeSettings, engine_config: EngineConfig, *, ray_temp_dir: P
         if settings.ray_address:
             ray.init(address=settings.ray_address, namespace=APP_NAME)
         else:
-            # Ray's processes inherit this environment: the proxy stamps arrivals.
+            # Ray's processes inherit this environment: the proxy stamps arrivals, and the
+            # streaming path takes Ray Serve's cheaper transport (STREAMING_ENVIRONMENT).
             os.environ.update(proxy_environment())
+            for key, value in STREAMING_ENVIRONMENT.items():
+                os.environ.setdefault(key, value)
             # "local": always a new cluster of our own; without it Ray joins any cluster that
             # `ray start` left on this machine (or RAY_ADDRESS names), someone else's included.
             ray.init(

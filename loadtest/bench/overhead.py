@@ -31,6 +31,7 @@ COMPONENTS = (
     ("Ingress", "ingress"),
     ("EngineReplica", "replica"),
     ("EngineCore", "engine core"),
+    ("VLLM::Worker", "engine worker"),
     ("ServeController", "serve controller"),
 )
 """Process command-line markers (Ray and vLLM set process titles) -> component name."""

@@ -83,6 +83,7 @@ def test_processes_are_named_by_their_component() -> None:
     assert component_of("ray::ServeReplica:lorafleet:EngineReplica", False, "lorafleet") \
         == "replica"
     assert component_of("VLLM::EngineCore", False, "vllm") == "engine core"
+    assert component_of("VLLM::Worker", False, "lorafleet") == "engine worker"
     assert component_of("python -m vllm.entrypoints.openai.api_server", True, "vllm") \
         == "api server"
     assert component_of("/usr/bin/gcs_server --x", False, "lorafleet") == "ray system"
