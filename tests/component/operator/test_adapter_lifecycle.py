@@ -40,8 +40,15 @@ def phase(cluster: Cluster, name: str) -> str | None:
 
 
 async def apply_adapter(cluster: Cluster, name: str, src: Path, *, until: str) -> None:
-    """Alice's Tenant, then the LoRAAdapter `name` from `src`; waits for its phase `until`."""
+    """Alice's Tenant, once Ready the LoRAAdapter `name` from `src`; waits for its phase `until`.
+
+    Applied together, the adapter's first reconcile may find the tenant not yet registered: a
+    temporary error whose retry can come after the phase `until`, which a test counting calls
+    to serving would read as work the operator should not have done."""
     await cluster.apply(TENANTS, TENANT)
+    await cluster.wait_for(
+        lambda: (cluster.get(TENANTS, "alice") or {}).get("status", {}).get("phase") == "Ready",
+        what="tenant Ready")
     await cluster.apply(ADAPTERS, adapter_cr(name, str(src)))
     await cluster.wait_for(lambda: phase(cluster, name) == until, what=until)
 
