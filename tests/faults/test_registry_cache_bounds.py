@@ -12,38 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from switchable import Clock, Switchable
+from switchable import offline_world
 
-from lorafleet.adapters.keys import generate_key, hash_key
-from lorafleet.adapters.model import AdapterRecord, ApiKey, Tenant
-from lorafleet.adapters.registry import SQLiteRegistry
 from lorafleet.serving.api.errors import AuthenticationFailed, ModelNotFound, ServiceUnavailable
-from lorafleet.serving.api.tenancy import Tenancy
 
-BASE = "base-model"
 FLOOD = 10_001  # one more than the old single cache held before it was cleared
-
-
-def adapter(tenant: str, name: str) -> AdapterRecord:
-    return AdapterRecord(tenant=tenant, name=name, source="/x", base_model=BASE, digest="d" * 64,
-                         rank=4, alpha=8.0, target_modules=("q_proj",), size_bytes=1)
 
 
 @pytest.fixture
 async def world(tmp_path: Path) -> Any:
-    inner = SQLiteRegistry(str(tmp_path / "r.db"))
-    reg = Switchable(inner)
-    keys = {}
-    for name in ("alice", "bob"):
-        await inner.put_tenant(Tenant(name, name.title()))
-        key, key_id = generate_key()
-        await inner.add_key(ApiKey(key_id, name, hash_key(key), 0.0))
-        keys[name] = f"Bearer {key}"
-    await inner.put_adapter(adapter("alice", "pirate"))
-    clock = Clock()
-    tenancy = Tenancy(reg, BASE, clock=clock)  # type: ignore[arg-type]
-    yield reg, tenancy, clock, keys
-    await inner.close()
+    async with offline_world(tmp_path / "r.db", ("alice", "bob")) as w:
+        yield w.registry, w.tenancy, w.clock, w.keys
 
 
 async def test_a_known_key_stops_working_a_minute_after_its_last_read_during_an_outage(

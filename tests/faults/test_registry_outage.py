@@ -12,62 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from switchable import BASE, offline_world
 
-from lorafleet.adapters.errors import RegistryUnavailable
-from lorafleet.adapters.keys import generate_key, hash_key
-from lorafleet.adapters.model import AdapterRecord, ApiKey, Tenant
-from lorafleet.adapters.registry import SQLiteRegistry
 from lorafleet.serving.api.errors import AuthenticationFailed, ModelNotFound, ServiceUnavailable
-from lorafleet.serving.api.tenancy import Tenancy
-
-BASE = "base-model"
-
-
-class Switchable:
-    """A registry that raises ``RegistryUnavailable`` from every call while ``down``."""
-
-    def __init__(self, inner: SQLiteRegistry) -> None:
-        self.inner = inner
-        self.down = False
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.inner, name)
-        if not callable(attr):
-            return attr
-
-        async def call(*args: Any, **kwargs: Any) -> Any:
-            if self.down:
-                raise RegistryUnavailable("registry switched off by the test")
-            return await attr(*args, **kwargs)
-
-        return call
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def adapter(tenant: str, name: str) -> AdapterRecord:
-    return AdapterRecord(tenant=tenant, name=name, source="/x", base_model=BASE, digest="d" * 64,
-                         rank=4, alpha=8.0, target_modules=("q_proj",), size_bytes=1)
 
 
 @pytest.fixture
 async def world(tmp_path: Path) -> Any:
-    inner = SQLiteRegistry(str(tmp_path / "r.db"))
-    reg = Switchable(inner)
-    await inner.put_tenant(Tenant("alice", "Alice"))
-    key, key_id = generate_key()
-    await inner.add_key(ApiKey(key_id, "alice", hash_key(key), 0.0))
-    await inner.put_adapter(adapter("alice", "pirate"))
-    clock = Clock()
-    tenancy = Tenancy(reg, BASE, clock=clock)  # type: ignore[arg-type]
-    yield reg, tenancy, clock, f"Bearer {key}", key_id
-    await inner.close()
+    async with offline_world(tmp_path / "r.db") as w:
+        yield w.registry, w.tenancy, w.clock, w.keys["alice"], w.key_ids["alice"]
 
 
 async def test_what_was_known_keeps_answering_through_an_outage(world: Any) -> None:
