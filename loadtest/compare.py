@@ -31,7 +31,9 @@ FIGURES: tuple[tuple[str, tuple[str, ...], bool], ...] = (
 )
 
 
-def _get(summary: dict[str, Any], path: tuple[str, ...]) -> float | None:
+def metric(summary: dict[str, Any], path: tuple[str, ...]) -> float | None:
+    """The number at ``path`` in a run's summary; ``None`` where it has none. ``("failed",)``
+    is derived (requests that did not end ok)."""
     if path == ("failed",):
         return float(summary["requests"] - summary["ok"])
     value: Any = summary
@@ -55,7 +57,7 @@ def compare_summaries(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[st
     """figure -> {a, b, ratio (b/a), diff (b-a), higher_is_better}."""
     out: dict[str, dict[str, Any]] = {}
     for label, path, higher in FIGURES:
-        va, vb = _get(a, path), _get(b, path)
+        va, vb = metric(a, path), metric(b, path)
         out[label] = {
             "a": va,
             "b": vb,

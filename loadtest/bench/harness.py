@@ -231,7 +231,7 @@ def _seconds(v: float | None) -> str:
 
 def _headline_rows(sc: Scenario, docs: dict[str, dict[str, Any]]) -> list[tuple[str, list[Any]]]:
     """(label, [value per system]) rows of the scenario's headline figures."""
-    from lorafleet.loadtest.compare import FIGURES, _get
+    from lorafleet.loadtest.compare import FIGURES, metric
 
     paths = {label: path for label, path, _ in FIGURES}
     rows: list[tuple[str, list[Any]]] = []
@@ -246,7 +246,7 @@ def _headline_rows(sc: Scenario, docs: dict[str, dict[str, Any]]) -> list[tuple[
             vals = []
             for d in docs.values():
                 p = d["phases"].get(phase)
-                vals.append(_get(p["summary"], paths[label]) if p else None)
+                vals.append(metric(p["summary"], paths[label]) if p else None)
             rows.append((f"{phase}: {label}", vals))
     return rows
 

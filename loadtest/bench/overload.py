@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lorafleet.loadtest.bench.scenarios import OVERLOAD_CAPACITY_TOK_S
-from lorafleet.loadtest.compare import ratio
+from lorafleet.loadtest.compare import metric, ratio
 
 FCFS, FLOW, VLLM = "lorafleet", "lorafleet-tokenflow", "vllm"
 FIGURES = (
@@ -38,15 +38,6 @@ FIGURES = (
     ("output tok/s", ("output_tokens_per_s",), 0.95, True),
     ("on-schedule tok/s", ("on_schedule_tokens_per_s",), None, True),
 )
-
-
-def _get(summary: dict[str, Any], path: tuple[str, ...]) -> float | None:
-    v: Any = summary
-    for key in path:
-        if not isinstance(v, dict) or key not in v:
-            return None
-        v = v[key]
-    return None if v is None else float(v)
 
 
 def demand_tok_s(phase: dict[str, Any]) -> float:
@@ -61,7 +52,7 @@ def family(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     rows = []
     for name, phase in ref["phases"].items():
         demand = demand_tok_s(phase)
-        fcfs_out = _get(phase["summary"], ("output_tokens_per_s",))
+        fcfs_out = metric(phase["summary"], ("output_tokens_per_s",))
         row: dict[str, Any] = {
             "phase": name,
             "streams": len(phase.get("requests", [])),
@@ -74,7 +65,7 @@ def family(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         for system, doc in docs.items():
             p = doc["phases"].get(name)
             if p is not None:
-                row["systems"][system] = {label: _get(p["summary"], path)
+                row["systems"][system] = {label: metric(p["summary"], path)
                                           for label, path, _, _ in FIGURES}
         for label, _, _, _ in FIGURES:
             vals = {s: v[label] for s, v in row["systems"].items()}
