@@ -150,7 +150,7 @@ class _NotKopfs(Collection[asyncio.Task[Any]]):
     On shutdown kopf gives every task that appeared in the loop after it started 5 s to finish
     ("hung" tasks). Here the loop also holds the emulator's HTTP server, whose keep-alive
     connection handlers appear after kopf started, and the teardown task that is itself waiting
-    for kopf: neither is kopf's, and counting them made every stop take 5 s.
+    for kopf: neither is kopf's, and counted as kopf's they would make every stop wait 5 s.
     """
 
     def __init__(self, existing: set[asyncio.Task[Any]]) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -32,6 +31,7 @@ from .admin_routes import build_admin_router
 from .errors import ServiceUnavailable, install_error_handlers
 from .openai_routes import build_openai_router
 from .services import ApiServices
+from .tenancy import registry_unavailable
 
 LOOP_LAG_INTERVAL_S = 0.1
 """How often the loop-lag sampler asks to be woken: ten wake-ups a second cost nothing
@@ -81,11 +81,8 @@ def _new_app(services: ApiServices, title: str, lifespan: Callable[[FastAPI], An
     async def _registry_down(_: Request, exc: RegistryUnavailable) -> JSONResponse:
         if isinstance(exc, RegistryReset):
             return ServiceUnavailable(RESET_MESSAGE).response()
-        # The tenancy layer's breaker lets the next registry call through after retry_after_s:
-        # a client that waits that long is not refused again by the breaker.
-        wait = math.ceil(services.tenancy_settings.retry_after_s)
-        return ServiceUnavailable("The registry is unavailable; retry shortly.",
-                                  headers={"Retry-After": str(max(1, wait))}).response()
+        return registry_unavailable("The registry is unavailable; retry shortly.",
+                                    services.tenancy_settings.retry_after_s).response()
 
     app.state.services = services
     return app
