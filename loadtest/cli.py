@@ -54,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     bench.add_argument("--reserved-cpus", type=int, default=0,
                        help="VLLM_CPU_NUM_OF_RESERVED_CPU for every system (default 0: all "
                        "cores compute; vLLM's own default is 1)")
+    bench.add_argument("--max-loras", type=int,
+                       help="adapter slots per batch for every system (default: the "
+                       "scenario's; multi-lora: LoRAFleet's platform default)")
     bench.add_argument("--threads", type=int,
                        help="lora-ops only: torch threads (default: all cores)")
     bench.set_defaults(func=cmd_bench)
@@ -124,7 +127,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     try:
         run_bench(args.scenario, out_dir=args.out_dir, quick=args.quick, systems=systems,
-                  data_dir=args.data_dir, console=console, reserved_cpus=args.reserved_cpus)
+                  data_dir=args.data_dir, console=console, reserved_cpus=args.reserved_cpus,
+                  max_loras=args.max_loras)
     except LoadTestError as exc:
         console.print(f"[red]error:[/] {exc}")
         return 2

@@ -180,7 +180,9 @@ class EngineKnobs:
 
     model_dir: Path
     served_model_name: str
-    max_loras: int
+    max_loras: int | None
+    """Adapter slots per batch; ``None``: LoRAFleet sizes them to the platform (its default).
+    Stock vLLM has no such default (its own is 1 slot): the harness gives it a number."""
     max_lora_rank: int
     max_cpu_loras: int
     max_model_len: int = 2048
@@ -230,6 +232,8 @@ def resolver_view(adapters: Path, names: Sequence[str], model_dir: Path, dest: P
 
 def vllm_command(opts: VLLMOptions, port: int) -> tuple[list[str], dict[str, str]]:
     """Command line and environment of stock vLLM's OpenAI server."""
+    if opts.max_loras is None:
+        raise ServerStartError("stock vLLM needs a slot count (max_loras)")
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--host", HOST, "--port", str(port),
@@ -277,6 +281,9 @@ class LoRAFleetOptions(EngineKnobs):
     ignore_eos_tenants: str = ""
     """``--ignore-eos-tenants``: the tenants whose workloads send ``ignore_eos`` (the server
     allows it to nobody unless named; stock vLLM allows it to everyone)."""
+    intake_concurrency: int = 4
+    """``LORAFLEET_INTAKE_MAX_CONCURRENT``: adapter imports the server runs at once, as many as
+    the harness sends (:func:`lorafleet.loadtest.bench.harness.register_adapters`)."""
 
 
 def lorafleet_command(opts: LoRAFleetOptions, port: int) -> tuple[list[str], dict[str, str]]:
@@ -288,7 +295,7 @@ def lorafleet_command(opts: LoRAFleetOptions, port: int) -> tuple[list[str], dic
         "--served-model-name", opts.served_model_name,
         "--data-dir", str(opts.data_dir),
         "--admin-key", opts.admin_key,
-        "--max-loras", str(opts.max_loras),
+        *(() if opts.max_loras is None else ("--max-loras", str(opts.max_loras))),
         "--max-lora-rank", str(opts.max_lora_rank),
         "--max-cpu-loras", str(opts.max_cpu_loras),
         "--max-model-len", str(opts.max_model_len),
@@ -300,7 +307,8 @@ def lorafleet_command(opts: LoRAFleetOptions, port: int) -> tuple[list[str], dic
     ]
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", VLLM_CPU_NUM_OF_RESERVED_CPU=str(opts.reserved_cpus),
-               LORAFLEET_STOCK_LORA_OPS="1" if opts.stock_lora_ops else "0")
+               LORAFLEET_STOCK_LORA_OPS="1" if opts.stock_lora_ops else "0",
+               LORAFLEET_INTAKE_MAX_CONCURRENT=str(opts.intake_concurrency))
     return cmd, env
 
 
@@ -315,6 +323,10 @@ def metrics_text(base_url: str, admin_key: str) -> str:
 class AdminClient:
     """The few LoRAFleet admin calls bench needs (contract: docs/contracts.md)."""
 
+    BUSY_RETRY_S = 0.5
+    """Wait before re-sending an import the server refused as busy (503: its intake slots are
+    taken, or this adapter is being imported by a call that timed out here)."""
+
     def __init__(self, base_url: str, admin_key: str, timeout_s: float = 120.0) -> None:
         self._http = httpx.Client(
             base_url=base_url,
@@ -325,11 +337,19 @@ class AdminClient:
     def close(self) -> None:
         self._http.close()
 
-    def _call(self, method: str, path: str, body: dict[str, object] | None = None) -> object:
-        try:
-            resp = self._http.request(method, path, json=body)
-        except httpx.HTTPError as exc:
-            raise ServerStartError(f"admin {method} {path}: {exc}") from None
+    def _call(self, method: str, path: str, body: dict[str, object] | None = None,
+              busy_deadline_s: float = 0.0) -> object:
+        """One admin call; a 503 is re-sent every :attr:`BUSY_RETRY_S` for up to
+        ``busy_deadline_s`` (0: never)."""
+        deadline = time.monotonic() + busy_deadline_s
+        while True:
+            try:
+                resp = self._http.request(method, path, json=body)
+            except httpx.HTTPError as exc:
+                raise ServerStartError(f"admin {method} {path}: {exc}") from None
+            if resp.status_code != 503 or time.monotonic() >= deadline:
+                break
+            time.sleep(self.BUSY_RETRY_S)
         if resp.status_code >= 400:
             raise ServerStartError(
                 f"admin {method} {path} answered {resp.status_code}: {resp.text[:500]}"
@@ -344,9 +364,14 @@ class AdminClient:
         assert isinstance(answer, dict)
         return str(answer["key"])
 
-    def add_adapter(self, tenant: str, name: str, source: Path, load: bool) -> None:
+    def add_adapter(self, tenant: str, name: str, source: Path, load: bool,
+                    busy_deadline_s: float = 120.0) -> None:
+        """Import (and with ``load``, load) one adapter; thread-safe, so several may run at
+        once. A 503 (the server's intake slots are all taken) is retried for up to
+        ``busy_deadline_s``."""
         self._call(
             "POST",
             f"/admin/v1/tenants/{tenant}/adapters",
             {"name": name, "source": str(source), "load": load},
+            busy_deadline_s=busy_deadline_s,
         )

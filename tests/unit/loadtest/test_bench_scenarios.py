@@ -18,7 +18,8 @@ def test_multi_lora_mixes_ranks_and_targets() -> None:
     shapes = {adapter_shape(sc, i) for i in range(len(sc.adapters))}
     assert {r for r, _ in shapes} == {8, 16, 32}
     assert {t for _, t in shapes} == {QV, ALL_PROJECTIONS}
-    assert max_lora_rank(sc) == 32 and sc.max_loras == 8
+    # The product's slot default, unless bench's --max-loras says otherwise.
+    assert max_lora_rank(sc) == 32 and sc.max_loras is None
     phases = {p.name: p for p in sc.phases}
     assert [len(phases[n].workload.models.entries) for n in ("lora-1", "lora-8", "lora-32")] == [1, 8, 32]
     # Other scenarios keep the uniform rank-8 adapters (their figures stay comparable).
@@ -26,8 +27,18 @@ def test_multi_lora_mixes_ranks_and_targets() -> None:
     assert max_lora_rank(burst) == 8 and adapter_shape(burst, 5)[0] == 8
 
 
+def test_full_multi_lora_is_issue_20s_client() -> None:
+    """16 concurrent streams, ~100-token prompts (96 words), 128 tokens out."""
+    for phase in get_scenario("multi-lora", quick=False).phases:
+        wl = phase.workload
+        assert wl.arrival.concurrency == 16 and wl.stream
+        assert wl.prompts.words is not None and wl.prompts.words.value == 96
+        assert wl.max_tokens.value == 128
+
+
 def _doc(phases: dict[str, tuple[float, float]]) -> dict:
-    return {"phases": {n: {"summary": {"output_tokens_per_s": t, "ttft_s": {"p50": f}}}
+    return {"phases": {n: {"summary": {"output_tokens_per_s": t,
+                                       "ttft_s": {"p50": f, "p99": 2 * f}}}
                        for n, (t, f) in phases.items()}}
 
 
@@ -36,7 +47,8 @@ def test_relative_to_base_divides_by_the_same_systems_base_phase() -> None:
         "lorafleet": _doc({"base": (100.0, 2.0), "lora-8": (80.0, 3.0)}),
         "vllm": _doc({"base": (120.0, 2.0), "lora-8": (30.0, 30.0)}),
     })
-    assert rel["lorafleet"]["lora-8"] == {"tok/s vs base": 0.8, "TTFT p50 vs base": 1.5}
+    assert rel["lorafleet"]["lora-8"] == {"tok/s vs base": 0.8, "TTFT p50 vs base": 1.5,
+                                          "TTFT p99 vs base": 1.5}
     assert rel["vllm"]["lora-8"]["tok/s vs base"] == 0.25
     assert "base" not in rel["vllm"]
 

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import psutil
+import pytest
 
 from lorafleet.loadtest.bench import servers
+from lorafleet.loadtest.bench.harness import register_adapters
+from lorafleet.loadtest.errors import ServerStartError
 
 
 def _flags(cmd: list[str]) -> dict[str, str]:
@@ -43,6 +49,48 @@ def test_both_systems_get_the_same_engine_knobs(tmp_path: Path) -> None:
     assert "VLLM_CPU_KVCACHE_SPACE" not in venv
     assert venv["VLLM_CPU_NUM_OF_RESERVED_CPU"] == lenv["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
     assert lf["--no-demo"] == ""
+
+
+def test_unset_slots_leave_lorafleet_its_platform_default(tmp_path: Path) -> None:
+    common = dict(model_dir=tmp_path / "m", served_model_name="M", max_loras=None,
+                  max_lora_rank=8, max_cpu_loras=32)
+    lcmd, lenv = servers.lorafleet_command(
+        servers.LoRAFleetOptions(data_dir=tmp_path / "d", admin_key="k", intake_concurrency=3,
+                                 **common), 2)
+    assert "--max-loras" not in lcmd
+    assert lenv["LORAFLEET_INTAKE_MAX_CONCURRENT"] == "3"
+    # Stock vLLM's own default is one slot: it must be given a number, never left to guess.
+    with pytest.raises(ServerStartError):
+        servers.vllm_command(servers.VLLMOptions(adapters={}, **common), 1)
+
+
+def test_registration_runs_imports_concurrently_and_retries_busy_ones(tmp_path: Path) -> None:
+    """A server that runs two imports at once and answers 503 to a third: four threads finish
+    every import, in less time than one at a time would take, and none is lost."""
+    running: set[str] = set()
+    done: list[str] = []
+    lock = threading.Lock()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        name = json.loads(request.content)["name"]
+        with lock:
+            if len(running) >= 2:
+                return httpx.Response(503, json={"error": {"message": "busy"}})
+            running.add(name)
+        time.sleep(0.1)
+        with lock:
+            running.discard(name)
+            done.append(name)
+        return httpx.Response(201, json={"name": name})
+
+    admin = servers.AdminClient("http://test", "k")
+    admin._http = httpx.Client(base_url="http://test", transport=httpx.MockTransport(handler))
+    admin.BUSY_RETRY_S = 0.01
+    names = [f"a{i:02d}" for i in range(8)]
+    took = register_adapters(admin, "t", [(n, tmp_path / n, True) for n in names],
+                             concurrency=4)
+    assert sorted(done) == names
+    assert took < 8 * 0.1  # two at a time: ~0.4 s
 
 
 PARENT = textwrap.dedent("""
