@@ -47,6 +47,7 @@ from rich.table import Table
 from lorafleet.loadtest.bench import servers
 from lorafleet.loadtest.bench.scenarios import MODEL, Scenario, adapter_names
 from lorafleet.loadtest.metrics import percentile
+from lorafleet.serving.scheduling.metrics import read_counters
 
 FLOOD, STEADY = "flood", "steady"
 LAG_METRIC = "lorafleet_ingress_event_loop_lag_seconds"
@@ -278,11 +279,22 @@ def lag_histogram(metrics_text: str) -> dict[str, float]:
     return {("inf" if k == "+Inf" else k): v for k, v in out.items()}
 
 
-async def _phase(base_url: str, admin_key: str, body: Any) -> tuple[Any, dict[str, float | None]]:
-    before = lag_histogram(await asyncio.to_thread(servers.metrics_text, base_url, admin_key))
+def scheduler_delta(before: str, after: str) -> dict[str, float]:
+    """The scheduler's counters (decisions by action and reason, pauses, resumes) that moved
+    between two /metrics pages."""
+    a, b = read_counters(before), read_counters(after)
+    return {k: v - a.get(k, 0.0) for k, v in b.items()
+            if k.startswith("lorafleet_scheduler_") and "step_cost" not in k
+            and "tokens_per_second" not in k and v != a.get(k, 0.0)}
+
+
+async def _phase(base_url: str, admin_key: str, body: Any
+                 ) -> tuple[Any, dict[str, float | None], dict[str, float]]:
+    before = await asyncio.to_thread(servers.metrics_text, base_url, admin_key)
     result = await body
-    after = lag_histogram(await asyncio.to_thread(servers.metrics_text, base_url, admin_key))
-    return result, lag_figures(histogram_delta(before, after))
+    after = await asyncio.to_thread(servers.metrics_text, base_url, admin_key)
+    return (result, lag_figures(histogram_delta(lag_histogram(before), lag_histogram(after))),
+            scheduler_delta(before, after))
 
 
 async def run_against(base_url: str, admin_key: str, keys: dict[str, str], plan: Plan,
@@ -294,7 +306,7 @@ async def run_against(base_url: str, admin_key: str, keys: dict[str, str], plan:
         probe = probe_figures(trials)
         console.print("  " + ", ".join(f"{k} {_fmt(v)}" for k, v in probe.items()))
         console.rule(f"{STEADY} alone")
-        alone, lag_alone = await _phase(base_url, admin_key, steady_streams(
+        alone, lag_alone, _ = await _phase(base_url, admin_key, steady_streams(
             http, keys[STEADY], plan, adapters[STEADY][0]))
         console.rule(f"{STEADY} under {FLOOD}'s flood")
         stop = asyncio.Event()
@@ -307,7 +319,7 @@ async def run_against(base_url: str, admin_key: str, keys: dict[str, str], plan:
             finally:
                 stop.set()
 
-        under, lag_under = await _phase(base_url, admin_key, steady_then_stop())
+        under, lag_under, decisions = await _phase(base_url, admin_key, steady_then_stop())
         flood_counts = await flooding
     fa, fu = stream_figures(alone), stream_figures(under)
     return {
@@ -315,7 +327,7 @@ async def run_against(base_url: str, admin_key: str, keys: dict[str, str], plan:
         "probe": {"figures": probe, "trials": trials},
         "alone": {"figures": fa, "loop_lag": lag_alone, "requests": alone},
         "under_flood": {"figures": fu, "loop_lag": lag_under, "requests": under,
-                        "flood_answers": dict(flood_counts)},
+                        "flood_answers": dict(flood_counts), "scheduler": decisions},
         "ratios": {k: ratio_of(fu[k], fa[k]) for k in ("TTFT p99 s", "TPOT p99 s",
                                                        "TTFT p50 s", "TPOT p50 s")},
         "goal": f"steady's TTFT p99 and TPOT p99 under the flood within {GOAL}x of alone",
@@ -351,6 +363,9 @@ def print_report(doc: dict[str, Any], console: Console) -> None:
     console.print(f"{FLOOD}'s answers during the flood: "
                   + ", ".join(f"{k} x{v}" for k, v in sorted(doc["under_flood"]["flood_answers"]
                                                              .items())))
+    console.print("scheduler during the flood: " + (", ".join(
+        f"{k.removeprefix('lorafleet_scheduler_')} {v:g}"
+        for k, v in doc["under_flood"].get("scheduler", {}).items()) or "no decisions"))
     p = doc["probe"]["figures"]
     console.print(f"prefix-cache probe ({len(doc['probe']['trials'])} trials, TTFT p50): "
                   f"cross-tenant {_fmt(p['cross-tenant prefix TTFT p50 s'])} s, miss "

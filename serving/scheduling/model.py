@@ -53,9 +53,15 @@ class Reason(enum.Enum):
     LORA_DRAIN = "lora_drain"
     """Its adapter holds a slot that a request kept waiting past ``SlotParams.wait_s`` needs:
     the adapter takes no new requests until its running ones finish and the slot frees."""
+    LORA_PREEMPT = "lora_preempt"
+    """Its adapter's slot went to a tenant below its slot share while its own tenant was
+    above it: paused (running) or held (not running) until a slot is free for it again."""
     TENANT_SLOT_SHARE = "tenant_slot_share"
     """Its tenant's adapters already hold ``SlotParams.tenant_share`` of the adapter slots
     while another tenant has adapter requests."""
+    TENANT_BATCH_SHARE = "tenant_batch_share"
+    """Its tenant runs more sequences than the per-tenant batch cap while a smaller tenant
+    competes (``TokenFlowParams.tenant_max_slowdown``, ``batch_share``): paused or held."""
     KV_FULL = "kv_full"
     RATE_CAP = "rate_cap"
     """Not run this step: the streams kept running already read what the engine can generate
@@ -172,6 +178,11 @@ class TokenFlowParams:
     most ``(1 - rate_headroom)`` of what a batch of that size generates
     (``Capacity.step_cost``), so each gains buffer while it runs and can later yield its slot.
     1.0 turns the cap off."""
+    tenant_max_slowdown: float = 1.5
+    """Per-tenant batch cap (both policies; ``batch_share``): while tenants compete, none runs
+    more sequences than keeps the smallest tenant's decode step, predicted by
+    ``Capacity.step_cost``, within this factor of its step alone (never fewer than the
+    smallest tenant runs). 0 turns it off; otherwise at least 1."""
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -179,6 +190,8 @@ class TokenFlowParams:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if self.prefill_tokens_per_s <= 0:
             raise ValueError("prefill_tokens_per_s must be > 0")
+        if 0 < self.tenant_max_slowdown < 1:
+            raise ValueError(f"tenant_max_slowdown must be 0 or >= 1, got {self.tenant_max_slowdown}")
         if self.rate_headroom > 1:
             raise ValueError(f"rate_headroom must be <= 1, got {self.rate_headroom}")
 

@@ -12,12 +12,21 @@ slot while any of its requests runs. The rules (docs/decisions/0022-lora-slots.m
 2. A new adapter takes a free slot, in the plan's order, unless its tenant's adapters already
    hold ``tenant_share`` of the slots while another tenant has adapter requests running or
    waiting (``TENANT_SLOT_SHARE``; a tenant alone may use every slot, and any tenant at least
-   one). Running requests are never paused for the share: it bounds what a tenant *adds*.
+   one). This rule pauses nothing: it bounds what a tenant *adds*; rule 4 takes slots back.
 3. No request waits for a slot without bound. One that has waited ``wait_s`` (since arrival,
    or since it was paused) goes first, and when every slot is taken the resident adapter that
    will free soonest (a tenant above its share first, then the fewest running requests, then
    the fewest tokens left) takes no new requests until it drains (``LORA_DRAIN``). Without
    that, a closed loop of requests for resident adapters keeps every slot busy forever.
+4. A tenant below its share that asks for a slot when none is free takes one at once from
+   another tenant above its share: that adapter's running requests are paused
+   (``LORA_PREEMPT``; vLLM's recompute preemption, or a KV offload where the connector is
+   on), so the slot frees within the step. Draining alone is not enough: a flood of
+   ``ignore_eos`` requests held every slot for ~90 s after the wait bound (0025). Against
+   thrash, a request paused before and started again less than ``preempt_min_run_s`` ago is
+   not paused again (its adapter is not chosen); against starvation, the paused requests
+   wait as any paused request does: they go first once overdue (rule 3), and take a slot at
+   once when the rival tenant leaves.
 """
 
 from __future__ import annotations
@@ -39,12 +48,17 @@ class SlotParams:
     """A request kept waiting this long for a slot gets the next one (a slot drains for it)."""
     tenant_share: float = 0.5
     """Most of the slots one tenant's adapters may hold while another tenant is active."""
+    preempt_min_run_s: float = 2.0
+    """A request paused before and started again less than this long ago is not paused for
+    another tenant's slot (rule 4): it makes progress between two pauses."""
 
     def __post_init__(self) -> None:
         if not self.wait_s > 0:
             raise ValueError(f"wait_s must be > 0, got {self.wait_s}")
         if not 0 < self.tenant_share <= 1:
             raise ValueError(f"tenant_share must be in (0, 1], got {self.tenant_share}")
+        if not self.preempt_min_run_s >= 0:
+            raise ValueError(f"preempt_min_run_s must be >= 0, got {self.preempt_min_run_s}")
 
 
 def tenant_slot_limit(max_loras: int, share: float, active_tenants: int) -> int:
@@ -75,6 +89,27 @@ def _drain_victim(
     return min(load, key=lambda a: (a not in over_share, *load[a], a))
 
 
+def recently_restarted(v: RequestView, now: float, min_run_s: float) -> bool:
+    """A running request paused before and started again less than ``min_run_s`` ago."""
+    return v.num_pauses > 0 and v.running_since is not None and now - v.running_since < min_run_s
+
+
+def _preempt_victim(
+    running: list[RequestView], candidates: set[str], now: float, min_run_s: float,
+) -> str | None:
+    """The adapter of ``candidates`` whose slot costs least to free now (fewest running
+    requests, then fewest tokens done), skipping adapters with a request just restarted."""
+    cost: dict[str, tuple[int, int]] = {}
+    shielded: set[str] = set()
+    for v in running:
+        if v.adapter_id in candidates:
+            n, done = cost.get(v.adapter_id, (0, 0))
+            cost[v.adapter_id] = (n + 1, done + v.generated_tokens)
+            if recently_restarted(v, now, min_run_s):
+                shielded.add(v.adapter_id)
+    return min((a for a in cost if a not in shielded), key=lambda a: (*cost[a], a), default=None)
+
+
 def _as_start(d: Decision) -> Decision:
     """A held decision turned into the start it would be."""
     if d.action is Action.DEFER:
@@ -89,7 +124,8 @@ def decide_slots(
     params: SlotParams | None = None,
 ) -> Plan:
     """``plan`` with adapter requests that may not take a slot this step deferred (or kept
-    paused), and requests overdue for a slot moved to the front of the start order."""
+    paused), requests overdue for a slot moved to the front of the start order, and the
+    running requests of an adapter whose slot a tenant below its share takes paused."""
     p = params or SlotParams()
     by_id = {v.request_id: v for v in views}
     running = [by_id[d.request_id] for d in plan.decisions
@@ -121,6 +157,7 @@ def decide_slots(
 
     slots = set(resident)
     draining: set[str] = set()
+    evicted: set[str] = set()  # resident adapters whose running requests are paused (rule 4)
     started: list[Decision] = []
     deferred: list[Decision] = []
 
@@ -134,6 +171,9 @@ def decide_slots(
         if a is None:
             started.append(d)
             continue
+        if a in evicted:
+            defer(d, Reason.LORA_PREEMPT)
+            continue
         if a in slots:
             if a in draining:
                 defer(d, Reason.LORA_DRAIN)
@@ -141,6 +181,15 @@ def decide_slots(
                 started.append(d)
             continue
         at_share = len(active) > 1 and held[v.tenant] >= limit
+        if not at_share and len(slots) >= cap.max_loras:
+            # Rule 4: a tenant below its share takes a slot from a tenant above it.
+            rivals = {r for r in slots - draining - evicted
+                      if owner[r] != v.tenant and held[owner[r]] > limit}
+            victim = _preempt_victim(running, rivals, now, p.preempt_min_run_s)
+            if victim is not None:
+                evicted.add(victim)
+                slots.discard(victim)
+                held[owner[victim]] -= 1
         if not at_share and len(slots) < cap.max_loras:
             slots.add(a)
             held[v.tenant] += 1
@@ -159,11 +208,18 @@ def decide_slots(
     # chosen) wait too: the slot only frees if nothing new joins it.
     kept: list[Decision] = []
     for d in started:
-        if by_id[d.request_id].adapter_id in draining:
+        a = by_id[d.request_id].adapter_id
+        if a in evicted:
+            defer(d, Reason.LORA_PREEMPT)
+        elif a in draining:
             defer(d, Reason.LORA_DRAIN)
         else:
             kept.append(d)
     untouched = [d for d in plan.decisions if d.request_id not in candidates]
-    return Plan(tuple(d for d in untouched if d.action is Action.KEEP_RUNNING) + tuple(kept)
+    keep_running = [d for d in untouched if d.action is Action.KEEP_RUNNING]
+    paused = tuple(Decision(d.request_id, Action.PAUSE, Reason.LORA_PREEMPT)
+                   for d in keep_running if by_id[d.request_id].adapter_id in evicted)
+    return Plan(tuple(d for d in keep_running if by_id[d.request_id].adapter_id not in evicted)
+                + tuple(kept)
                 + tuple(d for d in untouched if d.action is not Action.KEEP_RUNNING)
-                + tuple(deferred))
+                + paused + tuple(deferred))

@@ -3,7 +3,8 @@
 Boundary: the only module of this package that imports vLLM. Before each of vLLM's own
 ``schedule()`` calls it builds :class:`RequestView`s from vLLM's queues, asks the policy
 (tokenflow or fcfs) for a :class:`Plan`, narrows it by adapter-slot admission
-(``slots.decide_slots``: bounded wait, per-tenant share), and applies it: pauses are vLLM's
+(``slots.decide_slots``: bounded wait, per-tenant share, slots taken back for a tenant below
+its share) and by the per-tenant batch cap (``batch_share``), and applies it: pauses are vLLM's
 own recompute preemption (``_preempt_request``; KV blocks stay in the prefix cache until
 evicted, and a KV connector may keep a copy elsewhere), requests the plan holds back are
 *parked* outside vLLM's waiting queue, and the rest of the waiting queue is reordered to the
@@ -31,6 +32,7 @@ from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
+from .batch_share import decide_batch_share
 from .errors import UnsupportedVLLMVersion
 from .metrics import export_text, scheduler_metrics
 from .model import (
@@ -84,6 +86,7 @@ class TokenFlowScheduler(Scheduler):
         cfg = dict((self.vllm_config.additional_config or {}).get(CONFIG_KEY) or {})
         params = TokenFlowParams(**cfg.get("params", {}))
         self._policy = make_policy(cfg.get("policy", "tokenflow"), params)
+        self._params = params  # the batch share's knobs apply under either policy
         # fcfs needs no step cost: its plan only changes when someone waits for a slot.
         self._rate_aware = cfg.get("policy", "tokenflow") != "fcfs"
         self._slots = SlotParams(**cfg.get("slots", {}))
@@ -241,6 +244,7 @@ class TokenFlowScheduler(Scheduler):
                        kv_blocks=self.cache_config.num_gpu_blocks, block_size=self.block_size,
                        step_cost=step_cost)
         plan = decide_slots(self._policy(views, cap, now), views, cap, now, self._slots)
+        plan = decide_batch_share(plan, views, cap, now, self._params)
 
         running_by_id = {r.request_id: r for r in self.running}
         stamp = time.monotonic()
