@@ -245,10 +245,21 @@ Environment of every serving container: the Deployment's, the Ray head's and the
   or '*', empty for nobody, and LORAFLEET_TOOL_CALL_PARSER).
 - Adapter intake bounds (IntakeSettings reads LORAFLEET_INTAKE_*): an Ingress anywhere may
   import. Integers go through int64, or Helm would print a large one as 5.36870912e+08.
+- Ray Serve's streaming path (serving.rayServeGrpc): gRPC streams between deployments and no
+  thread hop per item, as `lorafleet serve` sets for the cluster it starts
+  (serving/deploy.py STREAMING_ENVIRONMENT, docs/decisions/0024-gateway-overhead.md). Ray reads
+  them at import, so every Ray node needs them; false writes Ray's own defaults.
 */}}
 {{- define "lorafleet.servingEnv" -}}
 - name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
   value: lorafleet.serving.api.arrival:proxy_middlewares
+{{- $grpc := .Values.serving.rayServeGrpc }}
+- name: RAY_SERVE_USE_GRPC_BY_DEFAULT
+  value: {{ ternary "1" "0" $grpc | quote }}
+- name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
+  value: {{ ternary "0" "1" $grpc | quote }}
+- name: RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP
+  value: {{ ternary "0" "1" $grpc | quote }}
 {{- if .Values.serving.apiDocs }}
 - name: LORAFLEET_API_DOCS
   value: "true"

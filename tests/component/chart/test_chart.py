@@ -902,6 +902,22 @@ def test_every_ray_node_stamps_arrivals_in_its_proxy(values: dict[str, Any]) -> 
     assert arrival.CALLBACK_ENV == "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 
 
+@pytest.mark.parametrize("values", [{}, VALUE_SETS["kuberay"]], ids=["deployment", "rayservice"])
+@pytest.mark.parametrize("grpc", [True, False])
+def test_every_ray_node_gets_the_streaming_transport_lorafleet_serve_sets(
+    values: dict[str, Any], grpc: bool,
+) -> None:
+    from lorafleet.serving.deploy import STREAMING_ENVIRONMENT
+
+    containers = serving_containers(render(_deep_merge(values, {"serving": {"rayServeGrpc": grpc}})))
+    assert containers
+    for pod_name, _, c in containers:
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        for name, on in STREAMING_ENVIRONMENT.items():
+            # Every one of them is a switch ("1"/"0") whose Ray default is the opposite.
+            assert env[name] == (on if grpc else str(1 - int(on))), (pod_name, name)
+
+
 @pytest.mark.parametrize(("values", "said"), [
     ({"serving": {"replicas": 2}}, "up to 2 serving pods"),
     ({"serving": {"autoscaling": {"enabled": True, "maxReplicas": 4}}}, "up to 4 serving pods"),
