@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 # One tiny engine for the whole session, whichever suites use it.
 from tinyengine import (  # noqa: F401
@@ -31,6 +32,11 @@ os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+# No per-example deadline for property tests: it is a wall-clock assertion, and on a machine
+# busy with engines an example of a correct test takes longer than Hypothesis's 200 ms.
+settings.register_profile("lorafleet", deadline=None)
+settings.load_profile("lorafleet")
 
 
 @pytest.fixture(scope="session")
