@@ -21,10 +21,13 @@ import os
 import resource
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["TinyServing", "main", "tiny_serving"]
 
 ADAPTERS = "lorafleet.io/v1alpha1/loraadapters"
 TENANTS = "lorafleet.io/v1alpha1/tenants"
@@ -39,97 +42,119 @@ def _adapter(name: str, uri: str, base_model: str, mode: str = "all") -> dict[st
                      "placement": {"mode": mode}}}
 
 
-async def _bench(n: int, data_dir: Path, work: Path) -> dict[str, Any]:
+@dataclass
+class TinyServing:
+    """The real LoRAFleet app on the tiny model: one in-process vLLM engine (its adapter files
+    in its own node directory, as on a cluster), the services, and clients through ASGI."""
+
+    model_dir: Path
+    engine: Any
+    services: Any
+    api: Any
+    """An ``httpx.AsyncClient`` on the OpenAI and admin routes."""
+    serving: Any
+    """The operator's ``ServingClient`` on the same app."""
+
+
+@asynccontextmanager
+async def tiny_serving(data_dir: Path, work: Path, admin_key: str, *, max_cpu_loras: int = 8,
+                       replicas_ttl: float = 0.5) -> AsyncIterator[TinyServing]:
+    """Start :class:`TinyServing` (registry: SQLite under ``work``) and stop it on exit."""
     import httpx
 
-    from lorafleet.adapters.keys import generate_key
     from lorafleet.serving.api.app import build_app
-    from lorafleet.serving.assemble import make_services
-    from lorafleet.serving.config import EngineConfig
-    from lorafleet.serving.demo.basemodel import (
-        TINY_MODEL_NAME,
-        make_random_adapter,
-        make_tiny_model,
-    )
+    from lorafleet.serving.assemble import make_materializer, make_services
+    from lorafleet.serving.config import AdapterFilesConfig, EngineConfig
+    from lorafleet.serving.demo.basemodel import TINY_MODEL_NAME, make_tiny_model
     from lorafleet.serving.engine.client import LocalEngineClient
     from lorafleet.serving.engine.vllm_engine import VLLMEngine
 
-    from .emulation import NAMESPACE, run_operator, secret_manifest
     from .serving_client import ServingClient
-    from .settings import OperatorConfig
-    from .tenant_store import RegistryTenantStore
 
     model_dir = make_tiny_model(data_dir / "models" / TINY_MODEL_NAME)
-    src = make_random_adapter(model_dir, work / "adapter", rank=4,
-                              target_modules=["q_proj", "v_proj"], seed=1,
-                              base_model_name=TINY_MODEL_NAME)
     config = EngineConfig(model_dir=str(model_dir), served_model_name=TINY_MODEL_NAME,
                           dtype="float32", max_model_len=512, max_loras=2, max_lora_rank=8,
-                          max_cpu_loras=8, kv_cache_bytes=64 * 2**20)
-    from lorafleet.serving.assemble import make_materializer
-    from lorafleet.serving.config import AdapterFilesConfig
-
-    # The replica's files live in its own node directory, as on a cluster.
+                          max_cpu_loras=max_cpu_loras, kv_cache_bytes=64 * 2**20)
     node = AdapterFilesConfig(data_dir=str(work / "node"), secrets_dir=str(work / "secrets"))
     engine = VLLMEngine(config, replica_id="replica-0",
                         adapter_files=make_materializer(config, node))
     await engine.start()
     services = make_services(engine_config=config, engines=LocalEngineClient([engine]),
                              registry_url=f"sqlite:///{work / 'registry.db'}", data_dir=work,
-                             admin_key=ADMIN_KEY)
+                             admin_key=admin_key)
     transport = httpx.ASGITransport(app=build_app(services))
     api = httpx.AsyncClient(transport=transport, base_url="http://lorafleet", timeout=120)
-    serving = ServingClient("http://lorafleet", ADMIN_KEY, transport=transport,
-                            replicas_ttl=0.5)
-    key, _ = generate_key()
-    results: dict[str, Any] = {"adapters": n}
-    op_config = OperatorConfig(resync_seconds=30.0, tenant_resync_seconds=60.0,
-                               tenant_namespaces={NAMESPACE: ("*",)})
+    serving = ServingClient("http://lorafleet", admin_key, transport=transport,
+                            replicas_ttl=replicas_ttl)
     try:
-        async with run_operator(serving, RegistryTenantStore(services.registry),
-                                config=op_config, trim_request_log=True) as cluster:
-            await cluster.apply(SECRETS, secret_manifest("bench-key", key))
-            await cluster.apply(TENANTS, {
-                "apiVersion": "lorafleet.io/v1alpha1", "kind": "Tenant",
-                "metadata": {"name": "bench"},
-                "spec": {"apiKeySecrets": [{"name": "bench-key"}]}})
-            await cluster.wait_for(
-                lambda: ((cluster.get(TENANTS, "bench") or {}).get("status", {})
-                         .get("phase") == "Ready"), timeout=30, what="tenant")
-
-            def phase(name: str) -> str | None:
-                return ((cluster.get(ADAPTERS, name) or {}).get("status", {}).get("phase"))
-
-            started = time.perf_counter()
-            await cluster.apply(ADAPTERS, _adapter("first", str(src), TINY_MODEL_NAME))
-            await cluster.wait_for(lambda: phase("first") == "Ready", timeout=60, what="Ready",
-                                   interval=0.005)
-            results["apply_to_ready_s"] = round(time.perf_counter() - started, 3)
-            while True:
-                r = await api.post("/v1/chat/completions",
-                                   headers={"Authorization": f"Bearer {key}"},
-                                   json={"model": "first", "max_tokens": 1,
-                                         "messages": [{"role": "user", "content": "hi"}]})
-                if r.status_code == 200:
-                    break
-                await asyncio.sleep(0.01)
-            results["apply_to_first_request_s"] = round(time.perf_counter() - started, 3)
-
-            names = [f"a{i:04d}" for i in range(n)]
-            started = time.perf_counter()
-            await asyncio.gather(*(cluster.apply(ADAPTERS, _adapter(
-                name, str(src), TINY_MODEL_NAME, mode="demand")) for name in names))
-            results["apply_all_s"] = round(time.perf_counter() - started, 3)
-            await cluster.wait_for(lambda: all(phase(name) == "Ready" for name in names),
-                                   timeout=3600, what="all Ready", interval=0.5)
-            results["all_ready_s"] = round(time.perf_counter() - started, 3)
-            results["peak_rss_mib"] = round(
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        yield TinyServing(model_dir, engine, services, api, serving)
     finally:
         await serving.aclose()
         await api.aclose()
         await services.registry.close()
         await engine.shutdown()
+
+
+async def _bench(n: int, data_dir: Path, work: Path) -> dict[str, Any]:
+    async with tiny_serving(data_dir, work, ADMIN_KEY) as world:
+        return await _bench_on(world, n, work)
+
+
+async def _bench_on(world: TinyServing, n: int, work: Path) -> dict[str, Any]:
+    from lorafleet.adapters.keys import generate_key
+    from lorafleet.serving.demo.basemodel import TINY_MODEL_NAME, make_random_adapter
+
+    from .emulation import NAMESPACE, run_operator, secret_manifest
+    from .settings import OperatorConfig
+    from .tenant_store import RegistryTenantStore
+
+    src = make_random_adapter(world.model_dir, work / "adapter", rank=4,
+                              target_modules=["q_proj", "v_proj"], seed=1,
+                              base_model_name=TINY_MODEL_NAME)
+    api, serving, services = world.api, world.serving, world.services
+    key, _ = generate_key()
+    results: dict[str, Any] = {"adapters": n}
+    op_config = OperatorConfig(resync_seconds=30.0, tenant_resync_seconds=60.0,
+                               tenant_namespaces={NAMESPACE: ("*",)})
+    async with run_operator(serving, RegistryTenantStore(services.registry),
+                            config=op_config, trim_request_log=True) as cluster:
+        await cluster.apply(SECRETS, secret_manifest("bench-key", key))
+        await cluster.apply(TENANTS, {
+            "apiVersion": "lorafleet.io/v1alpha1", "kind": "Tenant",
+            "metadata": {"name": "bench"},
+            "spec": {"apiKeySecrets": [{"name": "bench-key"}]}})
+        await cluster.wait_for(
+            lambda: ((cluster.get(TENANTS, "bench") or {}).get("status", {})
+                     .get("phase") == "Ready"), timeout=30, what="tenant")
+
+        def phase(name: str) -> str | None:
+            return ((cluster.get(ADAPTERS, name) or {}).get("status", {}).get("phase"))
+
+        started = time.perf_counter()
+        await cluster.apply(ADAPTERS, _adapter("first", str(src), TINY_MODEL_NAME))
+        await cluster.wait_for(lambda: phase("first") == "Ready", timeout=60, what="Ready",
+                               interval=0.005)
+        results["apply_to_ready_s"] = round(time.perf_counter() - started, 3)
+        while True:
+            r = await api.post("/v1/chat/completions",
+                               headers={"Authorization": f"Bearer {key}"},
+                               json={"model": "first", "max_tokens": 1,
+                                     "messages": [{"role": "user", "content": "hi"}]})
+            if r.status_code == 200:
+                break
+            await asyncio.sleep(0.01)
+        results["apply_to_first_request_s"] = round(time.perf_counter() - started, 3)
+
+        names = [f"a{i:04d}" for i in range(n)]
+        started = time.perf_counter()
+        await asyncio.gather(*(cluster.apply(ADAPTERS, _adapter(
+            name, str(src), TINY_MODEL_NAME, mode="demand")) for name in names))
+        results["apply_all_s"] = round(time.perf_counter() - started, 3)
+        await cluster.wait_for(lambda: all(phase(name) == "Ready" for name in names),
+                               timeout=3600, what="all Ready", interval=0.5)
+        results["all_ready_s"] = round(time.perf_counter() - started, 3)
+        results["peak_rss_mib"] = round(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return results
 
 

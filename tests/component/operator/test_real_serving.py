@@ -15,11 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
-from adapterfiles import node_files
 
 from lorafleet.adapters.keys import generate_key
 from lorafleet.operator.emulation import run_operator
-from lorafleet.operator.serving_client import ServingClient
 from lorafleet.operator.tenant_store import RegistryTenantStore
 
 from .conftest import ADAPTERS, SECRETS, TENANTS, secret
@@ -47,40 +45,19 @@ async def chat(client: httpx.AsyncClient, key: str, model: str) -> httpx.Respons
 
 async def test_operator_drives_the_real_server(tmp_path: Path) -> None:
     pytest.importorskip("vllm")
-    from lorafleet.serving.api.app import build_app
-    from lorafleet.serving.assemble import make_services
-    from lorafleet.serving.config import EngineConfig
-    from lorafleet.serving.demo.basemodel import (
-        TINY_MODEL_NAME,
-        make_random_adapter,
-        make_tiny_model,
-    )
-    from lorafleet.serving.engine.client import LocalEngineClient
-    from lorafleet.serving.engine.vllm_engine import VLLMEngine
+    from lorafleet.operator.bench import tiny_serving
+    from lorafleet.serving.demo.basemodel import TINY_MODEL_NAME, make_random_adapter
 
-    model_dir = make_tiny_model(DATA_DIR / "models" / TINY_MODEL_NAME)
-    good = make_random_adapter(model_dir, tmp_path / "good", rank=4,
-                               target_modules=["q_proj", "v_proj"], seed=1,
-                               base_model_name=TINY_MODEL_NAME)
-    evil = make_random_adapter(model_dir, tmp_path / "evil", rank=4,
-                               target_modules=["q_proj", "v_proj"], seed=2,
-                               base_model_name=TINY_MODEL_NAME)
-    (evil / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")  # a pickle
-    config = EngineConfig(model_dir=str(model_dir), served_model_name=TINY_MODEL_NAME,
-                          dtype="float32", max_model_len=512, max_loras=2, max_lora_rank=8,
-                          max_cpu_loras=4, kv_cache_bytes=64 * 2**20)
-    engine = VLLMEngine(config, replica_id="replica-0",
-                        adapter_files=node_files(config, tmp_path / "node"))
-    await engine.start()
-    services = make_services(engine_config=config, engines=LocalEngineClient([engine]),
-                             registry_url=f"sqlite:///{tmp_path / 'registry.db'}",
-                             data_dir=tmp_path, admin_key=ADMIN_KEY)
-    transport = httpx.ASGITransport(app=build_app(services))
-    api = httpx.AsyncClient(transport=transport, base_url="http://lorafleet", timeout=120)
-    serving = ServingClient("http://lorafleet", ADMIN_KEY, transport=transport, replicas_ttl=0)
-    key, _ = generate_key()
-    try:
-        async with run_operator(serving, RegistryTenantStore(services.registry)) as cluster:
+    async with tiny_serving(DATA_DIR, tmp_path, ADMIN_KEY, max_cpu_loras=4,
+                            replicas_ttl=0) as world:
+        engine, services, api = world.engine, world.services, world.api
+        good, evil = (make_random_adapter(world.model_dir, tmp_path / name, rank=4,
+                                          target_modules=["q_proj", "v_proj"], seed=seed,
+                                          base_model_name=TINY_MODEL_NAME)
+                      for seed, name in ((1, "good"), (2, "evil")))
+        (evil / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")  # a pickle
+        key, _ = generate_key()
+        async with run_operator(world.serving, RegistryTenantStore(services.registry)) as cluster:
             await cluster.apply(SECRETS, secret("carol-key", key))
             await cluster.apply(TENANTS, {
                 "apiVersion": "lorafleet.io/v1alpha1", "kind": "Tenant",
@@ -122,11 +99,6 @@ async def test_operator_drives_the_real_server(tmp_path: Path) -> None:
             await cluster.delete(SECRETS, "carol-key")
             await cluster.wait_for(lambda: _eq(models_status(), 401), timeout=10,
                                    what="key revoked")
-    finally:
-        await serving.aclose()
-        await api.aclose()
-        await services.registry.close()
-        await engine.shutdown()
 
 
 async def _eq(awaitable: Any, expected: Any) -> bool:

@@ -80,26 +80,29 @@ def chat(max_tokens: int) -> dict[str, Any]:
             "messages": [{"role": "user", "content": "hello"}]}
 
 
-async def test_two_ingresses_admit_one_quota_between_them(ingresses: Any) -> None:
-    (_, a), (_, b) = ingresses
-    key = await tenant_key(a, "alice", {"requests_per_minute": 6})
+async def both_at_once(
+    a: httpx.AsyncClient, b: httpx.AsyncClient, key: str, n: int, *, max_tokens: int,
+) -> tuple[list[httpx.Response], Counter[int]]:
+    """``n`` chat requests with ``key`` sent at once, alternating between the two ingresses."""
     auth = {"Authorization": f"Bearer {key}"}
     results = await asyncio.gather(*(
-        (a if i % 2 else b).post("/v1/chat/completions", json=chat(2), headers=auth)
-        for i in range(20)))
-    codes = Counter(r.status_code for r in results)
+        (a if i % 2 else b).post("/v1/chat/completions", json=chat(max_tokens), headers=auth)
+        for i in range(n)))
+    return results, Counter(r.status_code for r in results)
+
+
+async def test_two_ingresses_admit_one_quota_between_them(ingresses: Any) -> None:
+    (_, a), (_, b) = ingresses
+    results, codes = await both_at_once(
+        a, b, await tenant_key(a, "alice", {"requests_per_minute": 6}), 20, max_tokens=2)
     assert codes == {200: 6, 429: 14}, codes  # one ingress alone used to admit 6 by itself
     refused = next(r for r in results if r.status_code == 429)
     assert refused.json()["error"]["type"] == "rate_limit_error"
     assert int(refused.headers["Retry-After"]) >= 1
 
     # Concurrency: 2 slots between both ingresses, held by long generations.
-    key = await tenant_key(b, "bob", {"max_concurrent": 2})
-    auth = {"Authorization": f"Bearer {key}"}
-    results = await asyncio.gather(*(
-        (a if i % 2 else b).post("/v1/chat/completions", json=chat(32), headers=auth)
-        for i in range(6)))
-    codes = Counter(r.status_code for r in results)
+    _, codes = await both_at_once(
+        a, b, await tenant_key(b, "bob", {"max_concurrent": 2}), 6, max_tokens=32)
     # At least the 2 slots; more only if a generation finished while others were admitted.
     assert codes[200] >= 2 and codes[200] + codes[429] == 6, codes
     # Every slot came back (releases reach Redis in the background).
