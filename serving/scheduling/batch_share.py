@@ -1,9 +1,10 @@
 """Per-tenant share of the running batch: a tenant with many sequences is paused down to a
 cap while a smaller tenant competes, so the smaller one's steps stay near their alone speed.
 
-Boundary: pure, like ``policy`` and ``slots``: a :class:`Plan`, views and capacity in, a
-narrower plan out, ``now`` passed in. It runs last (after the policy and slot admission);
-the vLLM scheduler subclass applies the result.
+Boundary: pure, like ``policy`` and ``slots``: views and capacity in, the views the policy
+may schedule and decisions for the rest out, ``now`` passed in. It runs first (before the
+policy, fcfs or tokenflow, and slot admission); the vLLM scheduler subclass applies the
+result.
 
 Why: a decode step's time grows with the batch (on the CPU steeply, on a GPU once
 compute-bound; ``Capacity.step_cost`` is that cost, learned from the engine's own steps). A
@@ -22,11 +23,12 @@ The rule (``TokenFlowParams.tenant_max_slowdown`` = ``s``; 0 turns it off):
   below one.
 - A tenant alone, an unknown step cost, or a batch within the bound: nothing changes. On a
   GPU, where a decode step costs about the same up to a large batch, the cap rarely binds.
-- Which of a capped tenant's requests run: those it started again less than ``min_run_s``
-  after a pause (no thrash: a request makes progress between two pauses), then its running
-  ones with the most tokens done (least work lost), then its starts in the plan's order. The
-  rest pause or wait (``TENANT_BATCH_SHARE``) and run again as the cap rises or its own
-  requests end; the cap never reaches zero, so the tenant is never starved.
+- Which of a capped tenant's requests the policy may schedule: those it started again less
+  than ``min_run_s`` after a pause (no thrash: a request makes progress between two pauses),
+  then its running ones with the most tokens done (least work lost), then its paused ones
+  (longest paused first), then its waiting ones (oldest first). The rest pause or wait
+  (``TENANT_BATCH_SHARE``) and run again as the cap rises or its own requests end; the cap
+  never reaches zero, so the tenant is never starved.
 """
 
 from __future__ import annotations
@@ -34,10 +36,19 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
-from .model import Action, Capacity, Decision, Plan, Reason, RequestView, StepCost, TokenFlowParams
+from .model import (
+    Action,
+    Capacity,
+    Decision,
+    Plan,
+    Reason,
+    RequestState,
+    RequestView,
+    StepCost,
+    TokenFlowParams,
+)
+from .policy import Policy
 from .slots import recently_restarted
-
-_IN_BATCH = (Action.KEEP_RUNNING, Action.ADMIT, Action.RESUME)
 
 
 def tenant_batch_cap(demand: Mapping[str, int], cost: StepCost, max_slowdown: float) -> int | None:
@@ -50,41 +61,49 @@ def tenant_batch_cap(demand: Mapping[str, int], cost: StepCost, max_slowdown: fl
         n = sum(min(d, c) for d in demand.values())
         if cost.step_s(n, n) <= bound:
             return None if c >= largest else c
-    return smallest
+    return smallest if smallest < largest else None
 
 
-def decide_batch_share(
-    plan: Plan, views: Iterable[RequestView], cap: Capacity, now: float,
-    params: TokenFlowParams | None = None,
-) -> Plan:
-    """``plan`` with the sequences of tenants above the batch cap paused or held back."""
+def hold_above_cap(
+    views: Iterable[RequestView], cap: Capacity, now: float, params: TokenFlowParams | None = None,
+) -> tuple[list[RequestView], tuple[Decision, ...]]:
+    """The requests the policy may schedule this step, and decisions for those held above
+    the cap (running: paused; paused: kept paused; waiting: deferred)."""
     p = params or TokenFlowParams()
+    vs = list(views)
     if cap.step_cost is None or p.tenant_max_slowdown <= 0:
-        return plan
-    by_id = {v.request_id: v for v in views}
-    demand: Counter[str] = Counter(v.tenant for v in by_id.values() if v.tenant is not None)
+        return vs, ()
+    demand: Counter[str] = Counter(v.tenant for v in vs if v.tenant is not None)
     c = tenant_batch_cap(demand, cap.step_cost, p.tenant_max_slowdown)
     if c is None:
-        return plan
-    capped = {t for t, d in demand.items() if d > c}
+        return vs, ()
 
-    def rank(d: Decision) -> tuple[int, int, int]:
-        v = by_id[d.request_id]
-        if d.action is Action.KEEP_RUNNING:
-            shielded = recently_restarted(v, now, p.min_run_s)
-            return (0 if shielded else 1, -v.generated_tokens, 0)
-        return (2, 0, 0)  # sorted() is stable: starts keep the plan's order
+    def rank(v: RequestView) -> tuple[int, float, str]:
+        if v.state is RequestState.RUNNING:
+            return (0 if recently_restarted(v, now, p.min_run_s) else 1, -v.generated_tokens,
+                    v.request_id)
+        since = v.paused_since if v.state is RequestState.PAUSED and v.paused_since is not None \
+            else v.arrival
+        return (2 if v.state is RequestState.PAUSED else 3, since, v.request_id)
 
     over: set[str] = set()
-    for t in capped:
-        mine = sorted((d for d in plan.decisions if d.action in _IN_BATCH
-                       and d.request_id in by_id and by_id[d.request_id].tenant == t), key=rank)
-        over.update(d.request_id for i, d in enumerate(mine)
-                    if i >= c and rank(d)[0] != 0)
-    if not over:
-        return plan
-    held = {Action.KEEP_RUNNING: Action.PAUSE, Action.ADMIT: Action.DEFER,
-            Action.RESUME: Action.KEEP_PAUSED}
-    return Plan(tuple(d for d in plan.decisions if d.request_id not in over)
-                + tuple(Decision(d.request_id, held[d.action], Reason.TENANT_BATCH_SHARE)
-                        for d in plan.decisions if d.request_id in over))
+    for t in (t for t, d in demand.items() if d > c):
+        mine = sorted((v for v in vs if v.tenant == t), key=rank)
+        over.update(v.request_id for i, v in enumerate(mine) if i >= c and rank(v)[0] != 0)
+    held = {RequestState.RUNNING: Action.PAUSE, RequestState.PAUSED: Action.KEEP_PAUSED,
+            RequestState.WAITING: Action.DEFER}
+    return ([v for v in vs if v.request_id not in over],
+            tuple(Decision(v.request_id, held[v.state], Reason.TENANT_BATCH_SHARE)
+                  for v in vs if v.request_id in over))
+
+
+def decide_with_batch_share(
+    policy: Policy, views: Iterable[RequestView], cap: Capacity, now: float,
+    params: TokenFlowParams | None = None,
+) -> Plan:
+    """``policy``'s plan over the requests within the cap, plus the held ones' decisions.
+    The cap applies first so that the policy's own limits (batch seats, the reading-rate
+    cap) fill the batch from what remains: applied after, a policy that admits in arrival
+    order would have given the seats to the flood and the cap would then leave them empty."""
+    allowed, held = hold_above_cap(views, cap, now, params)
+    return Plan(policy(allowed, cap, now).decisions + held)

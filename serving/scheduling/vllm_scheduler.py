@@ -2,13 +2,13 @@
 
 Boundary: the only module of this package that imports vLLM. Before each of vLLM's own
 ``schedule()`` calls it builds :class:`RequestView`s from vLLM's queues, asks the policy
-(tokenflow or fcfs) for a :class:`Plan`, narrows it by adapter-slot admission
-(``slots.decide_slots``: bounded wait, per-tenant share, slots taken back for a tenant below
-its share) and by the per-tenant batch cap (``batch_share``), and applies it: pauses are vLLM's
-own recompute preemption (``_preempt_request``; KV blocks stay in the prefix cache until
-evicted, and a KV connector may keep a copy elsewhere), requests the plan holds back are
-*parked* outside vLLM's waiting queue, and the rest of the waiting queue is reordered to the
-plan's start order. vLLM then admits in that order under its own limits (token budget, KV,
+(tokenflow or fcfs) for a :class:`Plan` over the requests within the per-tenant batch cap
+(``batch_share``), narrows it by adapter-slot admission (``slots.decide_slots``: bounded
+wait, per-tenant share, slots taken back for a tenant below its share), and applies it:
+pauses are vLLM's own recompute preemption (``_preempt_request``; KV blocks stay in the
+prefix cache until evicted, and a KV connector may keep a copy elsewhere), requests the plan
+holds back are *parked* outside vLLM's waiting queue, and the rest of the waiting queue is
+reordered to the plan's start order. vLLM then admits in that order under its own limits (token budget, KV,
 ``max_loras``).
 
 Pinned to vLLM 0.32.0: ``Scheduler`` internals are not a public API.
@@ -32,7 +32,7 @@ from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
-from .batch_share import decide_batch_share
+from .batch_share import decide_with_batch_share
 from .errors import UnsupportedVLLMVersion
 from .metrics import export_text, scheduler_metrics
 from .model import (
@@ -243,8 +243,8 @@ class TokenFlowScheduler(Scheduler):
         cap = Capacity(max_running=self._max_running, max_loras=self._max_loras,
                        kv_blocks=self.cache_config.num_gpu_blocks, block_size=self.block_size,
                        step_cost=step_cost)
-        plan = decide_slots(self._policy(views, cap, now), views, cap, now, self._slots)
-        plan = decide_batch_share(plan, views, cap, now, self._params)
+        plan = decide_with_batch_share(self._policy, views, cap, now, self._params)
+        plan = decide_slots(plan, views, cap, now, self._slots)
 
         running_by_id = {r.request_id: r for r in self.running}
         stamp = time.monotonic()
