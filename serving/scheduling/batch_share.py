@@ -21,6 +21,11 @@ The rule (``TokenFlowParams.tenant_max_slowdown`` = ``s``; 0 turns it off):
   below the smallest tenant's demand (max-min fair: nobody is cut below what a smaller
   tenant runs; tenants of similar size are not cut at all, however slow the batch), nor
   below one.
+- A tenant whose last request ended less than ``tenant_linger_s`` ago still counts, with
+  the demand it had (the scheduler remembers it): a client's next request (a closed loop,
+  a conversation's next turn) comes just after its last one ends, and lifting the cap in
+  between resumes the flood's paused sequences by recompute, a long step that the next
+  request's first token then waits for.
 - A tenant alone, an unknown step cost, or a batch within the bound: nothing changes. On a
   GPU, where a decode step costs about the same up to a large batch, the cap rarely binds.
 - Which of a capped tenant's requests the policy may schedule: those it started again less
@@ -66,14 +71,20 @@ def tenant_batch_cap(demand: Mapping[str, int], cost: StepCost, max_slowdown: fl
 
 def hold_above_cap(
     views: Iterable[RequestView], cap: Capacity, now: float, params: TokenFlowParams | None = None,
+    lingering: Mapping[str, int] | None = None,
 ) -> tuple[list[RequestView], tuple[Decision, ...]]:
     """The requests the policy may schedule this step, and decisions for those held above
-    the cap (running: paused; paused: kept paused; waiting: deferred)."""
+    the cap (running: paused; paused: kept paused; waiting: deferred). ``lingering``: the
+    demand of tenants with no request now whose last one ended less than
+    ``tenant_linger_s`` ago; they still count."""
     p = params or TokenFlowParams()
     vs = list(views)
     if cap.step_cost is None or p.tenant_max_slowdown <= 0:
         return vs, ()
     demand: Counter[str] = Counter(v.tenant for v in vs if v.tenant is not None)
+    for t, n in (lingering or {}).items():
+        if t not in demand and n > 0:
+            demand[t] = n
     c = tenant_batch_cap(demand, cap.step_cost, p.tenant_max_slowdown)
     if c is None:
         return vs, ()
@@ -99,11 +110,11 @@ def hold_above_cap(
 
 def decide_with_batch_share(
     policy: Policy, views: Iterable[RequestView], cap: Capacity, now: float,
-    params: TokenFlowParams | None = None,
+    params: TokenFlowParams | None = None, lingering: Mapping[str, int] | None = None,
 ) -> Plan:
     """``policy``'s plan over the requests within the cap, plus the held ones' decisions.
     The cap applies first so that the policy's own limits (batch seats, the reading-rate
     cap) fill the batch from what remains: applied after, a policy that admits in arrival
     order would have given the seats to the flood and the cap would then leave them empty."""
-    allowed, held = hold_above_cap(views, cap, now, params)
+    allowed, held = hold_above_cap(views, cap, now, params, lingering)
     return Plan(policy(allowed, cap, now).decisions + held)

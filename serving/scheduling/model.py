@@ -183,6 +183,9 @@ class TokenFlowParams:
     more sequences than keeps the smallest tenant's decode step, predicted by
     ``Capacity.step_cost``, within this factor of its step alone (never fewer than the
     smallest tenant runs). 0 turns it off; otherwise at least 1."""
+    tenant_linger_s: float = 2.0
+    """A tenant whose last request ended less than this ago still counts for the batch cap,
+    with the demand it had: its next request comes just after."""
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():

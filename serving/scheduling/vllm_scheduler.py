@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -87,6 +87,7 @@ class TokenFlowScheduler(Scheduler):
         params = TokenFlowParams(**cfg.get("params", {}))
         self._policy = make_policy(cfg.get("policy", "tokenflow"), params)
         self._params = params  # the batch share's knobs apply under either policy
+        self._tenants_seen: dict[str, tuple[float, int]] = {}  # tenant: (last seen, demand)
         # fcfs needs no step cost: its plan only changes when someone waits for a slot.
         self._rate_aware = cfg.get("policy", "tokenflow") != "fcfs"
         self._slots = SlotParams(**cfg.get("slots", {}))
@@ -222,6 +223,16 @@ class TokenFlowScheduler(Scheduler):
             running_since=track.started_at if state is RequestState.RUNNING else None,
         )
 
+    def _lingering(self, views: list[RequestView], now: float) -> dict[str, int]:
+        """Tenants with no request now that had some less than ``tenant_linger_s`` ago, with
+        the demand they had then (remembered here: the policy keeps no state)."""
+        for tenant, n in Counter(v.tenant for v in views if v.tenant is not None).items():
+            self._tenants_seen[tenant] = (now, n)
+        linger = self._params.tenant_linger_s
+        for tenant in [t for t, (at, _) in self._tenants_seen.items() if now - at > linger]:
+            del self._tenants_seen[tenant]
+        return {t: n for t, (at, n) in self._tenants_seen.items() if at < now}
+
     def _apply_plan(self) -> None:
         now = self._clock()
         # Only plain running/waiting requests are the policy's; requests blocked on grammar,
@@ -243,7 +254,8 @@ class TokenFlowScheduler(Scheduler):
         cap = Capacity(max_running=self._max_running, max_loras=self._max_loras,
                        kv_blocks=self.cache_config.num_gpu_blocks, block_size=self.block_size,
                        step_cost=step_cost)
-        plan = decide_with_batch_share(self._policy, views, cap, now, self._params)
+        plan = decide_with_batch_share(self._policy, views, cap, now, self._params,
+                                       self._lingering(views, now))
         plan = decide_slots(plan, views, cap, now, self._slots)
 
         running_by_id = {r.request_id: r for r in self.running}

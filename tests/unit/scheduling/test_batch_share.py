@@ -119,6 +119,16 @@ def test_paused_and_waiting_flood_requests_are_held_and_come_back_when_the_rival
     assert {"p0", "p1", "p2", "p3", "fw"} <= set(plan.to_start)
 
 
+def test_a_tenant_whose_request_just_ended_still_counts_so_the_flood_is_not_resumed_between():
+    views = flood_and_steady(steady=0)
+    cap = Capacity(max_running=64, max_loras=64, step_cost=CPU)
+    allowed, held = hold_above_cap(views, cap, 2.0, None, lingering={"steady": 2})
+    assert len(allowed) == 3 and all(d.action is Action.PAUSE for d in held)
+    # Gone for longer (the scheduler stops passing it): the flood has everything again.
+    allowed, held = hold_above_cap(views, cap, 2.0, None, lingering={})
+    assert len(allowed) == 32 and not held
+
+
 @st.composite
 def snapshots(draw):
     views: list[RequestView] = []
