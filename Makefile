@@ -57,10 +57,11 @@ test: lint system-deps
 test-heavy: venv system-deps
 	LORAFLEET_DATA_DIR=$(abspath $(DATA_DIR)) $(BIN)/pytest -m heavy
 
-# The unit layer: pure policy, and the API, quotas, tenancy and adapter residency on the fake
-# engine (tests/support/fakeengine.py); no vLLM engine, no server, no SmolLM2.
+# The fast middle layer (marker `middle`): the API, quotas, tenancy caching, stream formatting,
+# body parsing and victim selection on the fake engine (tests/support/fakeengine.py) and the
+# model-free scheduler; no vLLM engine, no server, no SmolLM2. make test runs them too.
 test-fast: venv
-	LORAFLEET_DATA_DIR=$(abspath $(DATA_DIR)) $(BIN)/pytest tests/unit -m "not slow and not vllm"
+	LORAFLEET_DATA_DIR=$(abspath $(DATA_DIR)) $(BIN)/pytest tests/unit -m middle
 
 # mypy finds lorafleet.* through links named like the installed packages (pyproject: [tool.mypy]).
 LINT_TREE := build/lint

@@ -22,6 +22,8 @@ from lorafleet.serving.api.errors import InvalidRequest
 from lorafleet.serving.api.responses import LogprobRequest, chat_logprobs, completion_logprobs
 from lorafleet.serving.engine.protocol import TokenLogprobs
 
+pytestmark = pytest.mark.middle
+
 MSGS = [{"role": "user", "content": "hi"}]
 
 

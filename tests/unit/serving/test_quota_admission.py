@@ -19,6 +19,8 @@ from tinyengine import ADMIN
 
 from lorafleet.serving.demo.basemodel import TINY_MODEL_NAME
 
+pytestmark = pytest.mark.middle
+
 
 async def tenant_key(api: httpx.AsyncClient, quota: dict[str, int]) -> dict[str, str]:
     r = await api.post("/admin/v1/tenants", json={"name": "alice", "quota": quota}, headers=ADMIN)

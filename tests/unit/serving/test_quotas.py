@@ -6,6 +6,7 @@ in-process book and the Redis book in ``tests/component/registry/test_quota_book
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,6 +21,8 @@ from lorafleet.serving.api.quotas import (
     decide_early,
     settle,
 )
+
+pytestmark = pytest.mark.middle
 
 
 def test_concurrency_limit_then_release_frees_the_slot() -> None:

@@ -23,6 +23,8 @@ from lorafleet.adapters.registry import open_registry
 from lorafleet.serving.api.errors import AuthenticationFailed, ServiceUnavailable
 from lorafleet.serving.api.tenancy import Tenancy
 
+pytestmark = pytest.mark.middle
+
 BASE = "base-model"
 
 

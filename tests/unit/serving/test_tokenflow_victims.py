@@ -14,7 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from schedulerfactory import create_scheduler, make_request, running_ids, step
+
+pytestmark = pytest.mark.middle
 
 
 class Clock:

@@ -28,6 +28,8 @@ from lorafleet.serving.engine.protocol import (
 )
 from lorafleet.serving.engine.residency import select_victim
 
+pytestmark = pytest.mark.middle
+
 
 def ref(name: str) -> AdapterRef:
     return AdapterRef(f"t/{name}@{name}", AdapterContent(digest=name * 4, source=f"file:///{name}"))
