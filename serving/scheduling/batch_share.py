@@ -30,8 +30,10 @@ The rule (``TokenFlowParams.tenant_max_slowdown`` = ``s``; 0 turns it off):
   GPU, where a decode step costs about the same up to a large batch, the cap rarely binds.
 - Which of a capped tenant's requests the policy may schedule: those it started again less
   than ``min_run_s`` after a pause (no thrash: a request makes progress between two pauses),
-  then its running ones with the most tokens done (least work lost), then its paused ones
-  (longest paused first), then its waiting ones (oldest first). The rest pause or wait
+  then its running ones, then its paused ones (longest paused first), then its waiting ones
+  (oldest first); within each, those on the adapter where it runs the most sequences first
+  (fewest adapters in the step: on the CPU each one costs about as much as several
+  sequences), and among running ones those with the most tokens done (least work lost). The rest pause or wait
   (``TENANT_BATCH_SHARE``) and run again as the cap rises or its own requests end; the cap
   never reaches zero, so the tenant is never starved.
 """
@@ -89,13 +91,19 @@ def hold_above_cap(
     if c is None:
         return vs, ()
 
-    def rank(v: RequestView) -> tuple[int, float, str]:
+    # A capped tenant keeps its sequences on as few adapters as it can: on the CPU each
+    # distinct adapter in a step costs about as much as several sequences (0025).
+    on_adapter: Counter[str | None] = Counter(v.adapter_id for v in vs
+                                              if v.state is RequestState.RUNNING)
+
+    def rank(v: RequestView) -> tuple[int, int, str, float, str]:
+        grouped = (-on_adapter[v.adapter_id], v.adapter_id or "")
         if v.state is RequestState.RUNNING:
-            return (0 if recently_restarted(v, now, p.min_run_s) else 1, -v.generated_tokens,
-                    v.request_id)
+            shielded = recently_restarted(v, now, p.min_run_s)
+            return (0 if shielded else 1, *grouped, -v.generated_tokens, v.request_id)
         since = v.paused_since if v.state is RequestState.PAUSED and v.paused_since is not None \
             else v.arrival
-        return (2 if v.state is RequestState.PAUSED else 3, since, v.request_id)
+        return (2 if v.state is RequestState.PAUSED else 3, *grouped, since, v.request_id)
 
     over: set[str] = set()
     for t in (t for t, d in demand.items() if d > c):

@@ -181,3 +181,15 @@ def test_invariants_one_decision_each_nobody_starved_nobody_below_a_smaller_tena
 def test_the_knob_is_zero_or_at_least_one():
     with pytest.raises(ValueError, match="tenant_max_slowdown"):
         TokenFlowParams(tenant_max_slowdown=0.5)
+
+
+def test_a_capped_tenant_keeps_its_sequences_on_the_fewest_adapters():
+    flood = [RequestView(request_id=f"f{i}", state=R, adapter_id=f"flood/x{i % 4}", tenant="flood",
+                         arrival=0.0, prompt_tokens=20, max_tokens=128,
+                         generated_tokens=100 if i % 4 == 3 else 10) for i in range(12)]
+    flood.append(RequestView(request_id="f12", state=R, adapter_id="flood/x1", tenant="flood",
+                             arrival=0.0, prompt_tokens=20, max_tokens=128))
+    plan, _ = shared([*flood, view("s0", "steady", W, arrival=1.0)], CPU)
+    kept = {d.request_id for d in plan.with_action(Action.KEEP_RUNNING)}
+    # Beside steady's 1 the cap is 2: both on x1, where the flood runs the most (4).
+    assert {f.adapter_id for f in flood if f.request_id in kept} == {"flood/x1"}
