@@ -281,11 +281,12 @@ def lag_histogram(metrics_text: str) -> dict[str, float]:
 
 def scheduler_delta(before: str, after: str) -> dict[str, float]:
     """The scheduler's counters (decisions by action and reason, pauses, resumes) that moved
-    between two /metrics pages."""
+    between two /metrics pages, and its learned step cost at the end (gauges, as they are)."""
     a, b = read_counters(before), read_counters(after)
-    return {k: v - a.get(k, 0.0) for k, v in b.items()
-            if k.startswith("lorafleet_scheduler_") and "step_cost" not in k
-            and "tokens_per_second" not in k and v != a.get(k, 0.0)}
+    gauge = ("step_cost", "tokens_per_second")
+    return {k: v if any(g in k for g in gauge) else v - a.get(k, 0.0) for k, v in b.items()
+            if k.startswith("lorafleet_scheduler_")
+            and (any(g in k for g in gauge) or v != a.get(k, 0.0))}
 
 
 async def _phase(base_url: str, admin_key: str, body: Any
@@ -375,7 +376,8 @@ def print_report(doc: dict[str, Any], console: Console) -> None:
 
 
 def run_fairness(out_dir: Path, *, quick: bool, data_dir: Path, console: Console,
-                 reserved_cpus: int = 0) -> dict[str, Any]:
+                 reserved_cpus: int = 0, scheduling_params: dict[str, float] | None = None
+                 ) -> dict[str, Any]:
     """Start one LoRAFleet server, run the probe and both phases, stop it; write the JSON."""
     from lorafleet.loadtest.bench.harness import prepare_assets
 
@@ -393,12 +395,15 @@ def run_fairness(out_dir: Path, *, quick: bool, data_dir: Path, console: Console
         ignore_eos_tenants=FLOOD)  # the flood's policy allows it; steady's does not
     port = servers.free_port()
     cmd, env = servers.lorafleet_command(opts, port)
+    for name, value in (scheduling_params or {}).items():  # e.g. tenant_max_slowdown
+        cmd += ["--scheduling-param", f"{name}={value}"]
     t0 = time.monotonic()
     with servers.running("lorafleet", cmd, env, port, out_dir / "logs" / "fairness.log",
                          420.0) as srv:
         keys = _set_up(srv.base_url, admin_key, plan, adapters, warm_dir)
         doc = asyncio.run(run_against(srv.base_url, admin_key, keys, plan, adapters, console))
-    doc.update(quick=quick, seconds=time.monotonic() - t0,
+    doc.update(quick=quick, seconds=time.monotonic() - t0, reserved_cpus=reserved_cpus,
+               scheduling_params=dict(scheduling_params or {}),
                machine="2-core CPU, fp32, SmolLM2-135M-Instruct")
     path = out_dir / "fairness.json"
     path.write_text(json.dumps(doc, indent=1, default=str))
