@@ -151,8 +151,11 @@ def _text(rng: secrets.SystemRandom, words: int) -> str:
 
 
 async def stream_once(http: httpx.AsyncClient, key: str, model: str, prompt: str | list[str],
-                      max_tokens: int, **extra: Any) -> dict[str, Any]:
-    """One streamed completion: status, TTFT, TPOT (from the server's usage), seconds."""
+                      max_tokens: int, tally: Counter[str] | None = None,
+                      **extra: Any) -> dict[str, Any]:
+    """One streamed completion: status, TTFT, TPOT (from the server's usage), seconds.
+    ``tally["chunks"]`` counts the choices with text as they arrive (a flood's requests are
+    cancelled before their usage comes)."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
             "stream": True, "stream_options": {"include_usage": True}, **extra}
     t0 = time.perf_counter()
@@ -171,7 +174,10 @@ async def stream_once(http: httpx.AsyncClient, key: str, model: str, prompt: str
                 event = json.loads(line[5:])
                 if event.get("usage"):
                     tokens = int(event["usage"].get("completion_tokens") or 0)
-                if any(c.get("text") for c in event.get("choices") or []):
+                texts = sum(1 for c in event.get("choices") or [] if c.get("text"))
+                if tally is not None:
+                    tally["chunks"] += texts
+                if texts:
                     last = time.perf_counter() - t0
                     first = last if first is None else first
     except httpx.HTTPError as exc:
@@ -204,8 +210,10 @@ async def flood(http: httpx.AsyncClient, key: str, plan: Plan, adapters: Sequenc
                 stop: asyncio.Event) -> Counter[str]:
     """The flood tenant's requests until ``stop``; counts answers by ``kind status``."""
     counts: Counter[str] = Counter()
+    chunks: Counter[str] = Counter()
     rng = secrets.SystemRandom()
     big = "x " * (BIG_PROMPT_BYTES // 2)
+    t0 = time.perf_counter()
 
     async def wide(i: int) -> None:
         # n=8 x 1 prompt on adapter i, i+workers, ...: together the workers keep max_loras
@@ -213,7 +221,7 @@ async def flood(http: httpx.AsyncClient, key: str, plan: Plan, adapters: Sequenc
         j = i
         while not stop.is_set():
             r = await stream_once(http, key, adapters[j % len(adapters)], _text(rng, 16),
-                                  plan.flood_max_tokens, n=8, ignore_eos=True)
+                                  plan.flood_max_tokens, tally=chunks, n=8, ignore_eos=True)
             counts[f"n x prompts 8: {r['status']}"] += 1
             j += plan.flood_workers
             if r["status"] != 200:
@@ -242,6 +250,9 @@ async def flood(http: httpx.AsyncClient, key: str, plan: Plan, adapters: Sequenc
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    seconds = time.perf_counter() - t0
+    counts["text chunks streamed (~tokens)"] = chunks["chunks"]
+    counts["text chunks per 100 s"] = round(100 * chunks["chunks"] / seconds)
     return counts
 
 
