@@ -45,7 +45,7 @@ SHAPES: dict[str, tuple[int, tuple[int, ...]]] = {
     "gate_up": (HIDDEN, (INTER, INTER)),
     "down": (INTER, (HIDDEN,)),
 }
-MAX_RANK, MAX_LORAS = 32, 8
+MAX_RANK, MAX_LORAS = 32, 16
 RANKS = (8, 16, 32)
 
 
@@ -57,9 +57,11 @@ class Case:
 
 
 CASES = tuple(
-    [Case("decode", n, s) for n in (1, 16, 64) for s in (1, 8) if n >= s]
+    [Case("decode", n, s) for n in (1, 16, 64) for s in (1, 8, 16) if n >= s]
     + [Case("prefill", 1600, s) for s in (1, 8)]
 )
+"""16 decode rows over 16 slots is issue 20's 32- and 128-adapter mixes with as many slots as
+streams: every row its own adapter, so a step reads 16 adapters' weights."""
 
 
 def stream_bandwidth(mib: int = 512, repeats: int = 3) -> float:
@@ -185,6 +187,45 @@ def measure_step(case: Case, model: list[dict[str, tuple]], dtype: torch.dtype,
     return {"step_base_s": base, "step_lora_s": with_lora}
 
 
+def measure_activation(model: list[dict[str, tuple]], repeats: int) -> dict[str, float]:
+    """Seconds to put a new adapter into a slot across a model step's layers, in two parts:
+    vLLM's write (``reset_lora`` zeroes the slot, then the adapter's weights are copied in,
+    as ``set_lora`` does) and our refresh (the next step's re-trim of that slot, ``packing``).
+    Each activation writes a rank-16 adapter into slot 0, on packs built beforehand."""
+    from lorafleet.serving.engine.lora_cpu.packing import PackCache, note_slot_written
+
+    cache = PackCache()
+    for layer in model:
+        for a_st, b_st, _ in layer.values():
+            cache.get(a_st, b_st)
+    g = torch.Generator().manual_seed(7)
+    news = {name: ([torch.randn(16, in_f, generator=g) * 0.02 for _ in outs],
+                   [torch.randn(out, 16, generator=g) * 0.02 for out in outs])
+            for name, (in_f, outs) in SHAPES.items()}
+
+    def write() -> None:
+        for layer in model:
+            for name, (a_st, b_st, _) in layer.items():
+                for a, b, new_a, new_b in zip(a_st, b_st, *news[name], strict=True):
+                    a[0].zero_()
+                    b[0].zero_()
+                    a[0, 0, :16].copy_(new_a)
+                    b[0, 0, :, :16].copy_(new_b)
+                note_slot_written(a_st[0], 0)
+
+    def refresh() -> None:
+        for layer in model:
+            for a_st, b_st, _ in layer.values():
+                cache.get(a_st, b_st)
+
+    writes, refreshes = [], []
+    for _ in range(repeats):
+        writes.append(_elapsed(write))
+        refreshes.append(_elapsed(refresh))
+    return {"write_s": statistics.median(writes), "refresh_s": statistics.median(refreshes),
+            "full_rebuilds": float(cache.rebuilds - LAYERS * len(SHAPES))}
+
+
 def measure(dtype: torch.dtype = torch.float32, budget_s: float = 0.3,
             console: Console | None = None) -> dict[str, Any]:
     from lorafleet.serving.engine.lora_cpu import ops
@@ -209,9 +250,10 @@ def measure(dtype: torch.dtype = torch.float32, budget_s: float = 0.3,
         case = Case(step["phase"], step["rows"], step["slots"])
         step.update(measure_step(case, model, dtype, repeats=3 if budget_s < 0.2 else 7))
         step["step_ours_s"] = step["step_lora_s"] - step["step_base_s"]
+    activation = measure_activation(model, repeats=3 if budget_s < 0.2 else 7)
     return {"dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
             "bandwidth_gb_s": bandwidth / 1e9, "max_lora_rank": MAX_RANK, "ranks": RANKS,
-            "cases": rows, "steps": steps}
+            "cases": rows, "steps": steps, "activation": activation}
 
 
 def per_step(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -252,6 +294,11 @@ def print_tables(doc: dict[str, Any], console: Console) -> None:
                      _ms(r["floor_s"]), f"{r['step_ours_s'] / r['floor_s']:.2f}x",
                      f"{r['step_ours_s'] / r['step_base_s']:.2f}x")
     console.print(step)
+    act = doc.get("activation")
+    if act:
+        console.print(f"one adapter into a slot ({LAYERS} layers x 4 shapes, {MAX_LORAS} slots): "
+                      f"vLLM's write {_ms(act['write_s'])} ms, our refresh {_ms(act['refresh_s'])} "
+                      f"ms (full rebuilds {act['full_rebuilds']:g})")
 
 
 def run_lora_ops(out_dir: Path, quick: bool, console: Console, threads: int | None = None) -> dict[str, Any]:
