@@ -31,10 +31,20 @@ from dataclasses import dataclass, field
 import torch
 
 
+def _any_nonzero(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Whether ``t`` has a non-zero (or NaN) element along ``dim``.
+
+    ``amax``/``amin`` rather than ``ne(0).any()``: no full-size temporary, and 10-15x faster on
+    our CPU (``any`` over a bool tensor's rows was 370 us for one slot of gate_up's B, 20 us
+    this way), which made the re-trim after every slot write cost 48 ms a model step against
+    vLLM's own 7.6 ms for the write (``bench lora-ops``)."""
+    return t.amax(dim=dim).ne(0) | t.amin(dim=dim).ne(0)
+
+
 def live_ranks(a: torch.Tensor, b: torch.Tensor) -> list[int]:
     """Per slot, 1 + the last rank index whose A row and B column are both non-zero (0 if none)."""
-    a_live = a[:, 0].ne(0).any(dim=-1)  # [slots, max_rank]
-    b_live = b[:, 0].ne(0).any(dim=-2)  # [slots, max_rank]
+    a_live = _any_nonzero(a[:, 0], dim=-1)  # [slots, max_rank]
+    b_live = _any_nonzero(b[:, 0], dim=-2)  # [slots, max_rank]
     live = a_live & b_live
     positions = torch.arange(1, live.shape[1] + 1)
     return (live * positions).amax(dim=1).tolist()

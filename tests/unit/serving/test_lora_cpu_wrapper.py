@@ -150,6 +150,22 @@ def test_live_ranks_skip_padding_and_untargeted_slots() -> None:
     assert pack.packed_for((0, 1, 2)).a_t.shape == (16, 4 + MAX_RANK)
 
 
+def test_live_ranks_see_negative_weights_and_agree_slot_by_slot() -> None:
+    """The first build scans every slot at once; a noted write re-scans one slot: both find
+    the same live ranks, whatever the weights' signs (an A row of negatives is live) and with
+    a zero row inside the live rank (it stays inside)."""
+    from lorafleet.serving.engine.lora_cpu.packing import LayerPack, build_pack
+
+    a_st, b_st = stacked(4, [[3], [0], [MAX_RANK], [6]], 16, [8], torch.float32, 3)
+    a_st[0][0, 0, :3] = -a_st[0][0, 0, :3].abs()  # slot 0: all-negative A rows
+    a_st[0][3, 0, 2] = 0  # slot 3: a dead row below the last live one
+    whole = build_pack(a_st, b_st)
+    one_by_one = LayerPack(owner=a_st[0], versions=(), ranks=[[0]] * 4, a_t={}, b_t={})
+    for slot in range(4):
+        one_by_one.refresh(a_st, b_st, [slot])
+    assert whole.ranks == one_by_one.ranks == [[3], [0], [MAX_RANK], [6]]
+
+
 def test_plugin_points_vllms_cpu_platform_at_our_wrapper(monkeypatch) -> None:
     from vllm.platforms.cpu import CpuPlatform
 
