@@ -83,6 +83,10 @@ class Plan:
     probe_trials: int = 8
     probe_words: int = 500
     """Words of the probe's prefix (~1.4 tokens each with SmolLM2's tokenizer)."""
+    flood_refused: bool = True
+    """The flood also sends what the server refuses (requests at the n x prompts cap beyond
+    its quota, 1 MB prompts). Off: only its n=8 requests, to tell what the refused
+    requests' host CPU costs the others from what the engine's batch does."""
 
 
 def make_plan(quick: bool) -> Plan:
@@ -245,7 +249,8 @@ async def flood(http: httpx.AsyncClient, key: str, plan: Plan, adapters: Sequenc
             await asyncio.sleep(0.05)
 
     tasks = [asyncio.create_task(wide(i)) for i in range(plan.flood_workers)]
-    tasks += [asyncio.create_task(capped()), asyncio.create_task(huge())]
+    if plan.flood_refused:
+        tasks += [asyncio.create_task(capped()), asyncio.create_task(huge())]
     await stop.wait()
     for t in tasks:
         t.cancel()
@@ -387,12 +392,12 @@ def print_report(doc: dict[str, Any], console: Console) -> None:
 
 
 def run_fairness(out_dir: Path, *, quick: bool, data_dir: Path, console: Console,
-                 reserved_cpus: int = 0, scheduling_params: dict[str, float] | None = None
-                 ) -> dict[str, Any]:
+                 reserved_cpus: int = 0, scheduling_params: dict[str, float] | None = None,
+                 plan: Plan | None = None) -> dict[str, Any]:
     """Start one LoRAFleet server, run the probe and both phases, stop it; write the JSON."""
     from lorafleet.loadtest.bench.harness import prepare_assets
 
-    plan = make_plan(quick)
+    plan = plan or make_plan(quick)
     names = adapter_names(plan.flood_adapters + 1)
     adapters = {FLOOD: list(names[:-1]), STEADY: [names[-1]]}
     sc = Scenario(name="fairness", description="", adapters=names, phases=())
