@@ -5,53 +5,20 @@ Boundary: ``model``, ``policy``, ``slots``, ``step_cost`` and ``tracking`` are p
 plans into vLLM's queues.
 """
 
+from . import model, policy
 from .errors import SchedulingError, UnknownPolicyError, UnsupportedVLLMVersion
-from .model import (
-    DEFAULT_CONSUMPTION_RATE,
-    Action,
-    Capacity,
-    Decision,
-    Plan,
-    Reason,
-    RequestState,
-    RequestView,
-    StepCost,
-    TokenFlowParams,
-)
-from .policy import (
-    POLICIES,
-    advance_reader,
-    buffer_occupancy,
-    decide_fcfs,
-    decide_tokenflow,
-    make_policy,
-    time_to_stall,
-)
+from .model import *  # noqa: F403 (the data model: model.__all__)
+from .policy import *  # noqa: F403 (the policies: policy.__all__)
 from .slots import SlotParams, decide_slots
 from .step_cost import StepCostModel
 
 __all__ = [
-    "DEFAULT_CONSUMPTION_RATE",
-    "POLICIES",
-    "Action",
-    "Capacity",
-    "Decision",
-    "Plan",
-    "Reason",
-    "RequestState",
-    "RequestView",
+    *model.__all__,
+    *policy.__all__,
     "SchedulingError",
     "SlotParams",
-    "StepCost",
     "StepCostModel",
-    "TokenFlowParams",
     "UnknownPolicyError",
     "UnsupportedVLLMVersion",
-    "advance_reader",
-    "buffer_occupancy",
-    "decide_fcfs",
     "decide_slots",
-    "decide_tokenflow",
-    "make_policy",
-    "time_to_stall",
 ]

@@ -9,6 +9,19 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+__all__ = [
+    "DEFAULT_CONSUMPTION_RATE",
+    "Action",
+    "Capacity",
+    "Decision",
+    "Plan",
+    "Reason",
+    "RequestState",
+    "RequestView",
+    "StepCost",
+    "TokenFlowParams",
+]
+
 DEFAULT_CONSUMPTION_RATE = 6.0
 """Tokens/s a person reads, assumed for a stream whose client declared no rate."""
 

@@ -48,6 +48,17 @@ from .model import (
     TokenFlowParams,
 )
 
+__all__ = [
+    "POLICIES",
+    "Policy",
+    "advance_reader",
+    "buffer_occupancy",
+    "decide_fcfs",
+    "decide_tokenflow",
+    "make_policy",
+    "time_to_stall",
+]
+
 Policy = Callable[[Iterable[RequestView], Capacity, float], Plan]
 
 
