@@ -32,8 +32,8 @@ The rule (``TokenFlowParams.tenant_max_slowdown`` = ``s``; 0 turns it off):
   than ``min_run_s`` after a pause (no thrash: a request makes progress between two pauses),
   then its running ones, then its paused ones (longest paused first), then its waiting ones
   (oldest first); within each, those on the adapter where it runs the most sequences first
-  (fewest adapters in the step: on the CPU each one costs about as much as several
-  sequences), and among running ones those with the most tokens done (least work lost). The rest pause or wait
+  (fewest distinct adapters in the step), and among running ones those with the most tokens
+  done (least work lost). The rest pause or wait
   (``TENANT_BATCH_SHARE``) and run again as the cap rises or its own requests end; the cap
   never reaches zero, so the tenant is never starved.
 """
@@ -91,8 +91,8 @@ def hold_above_cap(
     if c is None:
         return vs, ()
 
-    # A capped tenant keeps its sequences on as few adapters as it can: on the CPU each
-    # distinct adapter in a step costs about as much as several sequences (0025).
+    # A capped tenant keeps its sequences on as few adapters as it can: each distinct adapter
+    # adds LoRA work to every step (a few ms on the CPU in process, 0025).
     on_adapter: Counter[str | None] = Counter(v.adapter_id for v in vs
                                               if v.state is RequestState.RUNNING)
 
