@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from collections import Counter
 
+import policyviews
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from policyviews import P, R, W
 
 from lorafleet.serving.scheduling import (
     Action,
@@ -26,7 +28,6 @@ from lorafleet.serving.scheduling.batch_share import (
     tenant_batch_cap,
 )
 
-W, R, P = RequestState.WAITING, RequestState.RUNNING, RequestState.PAUSED
 # The 2-core CPU of 0025: ~0.08 s a step plus ~0.017 s a sequence.
 CPU = StepCost(base_s=0.08, per_sequence_s=0.017, per_token_s=0.0)
 # A GPU decoding a small model: the step barely grows with the batch.
@@ -34,11 +35,9 @@ GPU = StepCost(base_s=0.012, per_sequence_s=0.00005, per_token_s=0.0)
 
 
 def view(rid: str, tenant: str | None, state: RequestState = R, **kw: object) -> RequestView:
-    base: dict[str, object] = {"arrival": 0.0, "prompt_tokens": 20, "max_tokens": 128}
-    base.update(kw)
-    adapter = f"{tenant}/a" if tenant is not None else None
-    return RequestView(request_id=rid, state=state, adapter_id=adapter, tenant=tenant,
-                       **base)  # type: ignore[arg-type]
+    """A request of ``tenant`` on its adapter ``tenant/a`` (none: the base model)."""
+    return policyviews.view(rid, state, f"{tenant}/a" if tenant is not None else None, tenant,
+                            **{"max_tokens": 128, **kw})
 
 
 def flood_and_steady(flood: int = 32, steady: int = 2) -> list[RequestView]:

@@ -8,12 +8,12 @@ import math
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from policyviews import P, R, W, view
 
 from lorafleet.serving.scheduling import (
     Action,
     Capacity,
     Reason,
-    RequestState,
     RequestView,
     StepCost,
     TokenFlowParams,
@@ -25,14 +25,6 @@ from lorafleet.serving.scheduling import (
     make_policy,
     time_to_stall,
 )
-
-W, R, P = RequestState.WAITING, RequestState.RUNNING, RequestState.PAUSED
-
-
-def view(rid: str, state: RequestState = W, **kw: object) -> RequestView:
-    base: dict[str, object] = {"arrival": 0.0, "prompt_tokens": 20, "max_tokens": 100}
-    base.update(kw)
-    return RequestView(request_id=rid, state=state, **base)  # type: ignore[arg-type]
 
 
 def by_id(plan):

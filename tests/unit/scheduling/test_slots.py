@@ -5,30 +5,18 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from policyviews import P, R, W, view
 
 from lorafleet.serving.scheduling import (
     Action,
     Capacity,
     Reason,
-    RequestState,
     RequestView,
     TokenFlowParams,
     decide_fcfs,
     decide_tokenflow,
 )
 from lorafleet.serving.scheduling.slots import SlotParams, decide_slots, tenant_slot_limit
-
-W, R, P = RequestState.WAITING, RequestState.RUNNING, RequestState.PAUSED
-
-
-def view(rid: str, state: RequestState = W, adapter: str | None = None,
-         tenant: str | None = None, **kw: object) -> RequestView:
-    base: dict[str, object] = {"arrival": 0.0, "prompt_tokens": 20, "max_tokens": 100}
-    base.update(kw)
-    if adapter is not None and tenant is None:
-        tenant = adapter.split("/")[0]
-    return RequestView(request_id=rid, state=state, adapter_id=adapter, tenant=tenant,
-                       **base)  # type: ignore[arg-type]
 
 
 def fcfs_slots(views: list[RequestView], cap: Capacity, now: float,
