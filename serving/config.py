@@ -99,8 +99,9 @@ class EngineSettings(BaseModel):
     )
     scheduling_params: dict[str, float] = Field(
         default_factory=dict,
-        description="tokenflow: policy knobs by name (fields of TokenFlowParams, e.g. "
-        "resume_margin_s=2; docs/scheduling.md); unknown names are refused.",
+        description="Scheduling knobs by name (fields of TokenFlowParams, e.g. "
+        "resume_margin_s=2 for tokenflow, tenant_max_slowdown=1.5 for the per-tenant batch cap "
+        "under either policy; docs/scheduling.md); unknown names are refused.",
         json_schema_extra={"flag": "--scheduling-param"},
     )
     kv_offload_gib: float = Field(
