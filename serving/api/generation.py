@@ -147,6 +147,7 @@ class Generation:
                         ),
                         adapter=ref,
                         cache_salt=salt,
+                        tenant=tenant_name,
                         streaming=bool(body.stream),
                         consumption_rate=body.lorafleet.consumption_rate if body.lorafleet else None,
                         vllm_params=params[p_index],

@@ -70,6 +70,9 @@ class GenerateRequest:
     adapter: AdapterRef | None = None
     cache_salt: str | None = None
     """Prefix-cache blocks are shared only between requests with the same salt (the tenant's)."""
+    tenant: str | None = None
+    """Who asked (not who owns the adapter): the scheduler's per-tenant rules count requests
+    by it, base-model requests included."""
     streaming: bool = True
     """The client reads the output as a stream (the scheduler may pause it while it reads)."""
     consumption_rate: float | None = None

@@ -242,6 +242,7 @@ class VLLMEngine:
         ours = {"lorafleet": {
             "streaming": request.streaming,
             "consumption_rate": request.consumption_rate or self.config.default_consumption_rate,
+            "tenant": request.tenant,
         }}
         if isinstance(request.vllm_params, SamplingParams):
             # Built by the API layer from vLLM's request model; the engine owns how output

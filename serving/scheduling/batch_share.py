@@ -13,8 +13,9 @@ TPOT alone on a 2-core CPU (docs/decisions/0025-tenant-fairness.md). Batch seats
 answer: an equal share of 64 seats still lets the flood run 32.
 
 The rule (``TokenFlowParams.tenant_max_slowdown`` = ``s``; 0 turns it off):
-- A tenant's *demand* is how many of its requests the step sees (running, waiting, paused).
-  Requests with no tenant (the base model) are not counted.
+- A tenant's *demand* is how many of its requests the step sees (running, waiting, paused),
+  base-model requests included: the engine tells the scheduler who sent each request.
+  Requests with no tenant (none given) are not counted.
 - With two or more tenants, every tenant may run at most ``c`` sequences, ``c`` the largest
   number such that a decode step of everyone's ``min(demand, c)`` sequences is predicted to
   take at most ``s`` times the step of the smallest tenant's sequences alone. ``c`` is never

@@ -20,6 +20,8 @@ class RequestTrack:
     streaming: bool
     rate: float
     """Tokens/s its client reads (declared, else the default); looked up once."""
+    tenant: str | None = None
+    """The tenant that sent it, as the engine passed it; ``None``: not given."""
     first_token_at: float | None = None
     reader_tokens: float = 0.0
     """Modelled reader: tokens it had paid for at ``reader_at`` (see ``policy.advance_reader``)."""

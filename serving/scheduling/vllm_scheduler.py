@@ -193,7 +193,8 @@ class TokenFlowScheduler(Scheduler):
         if track is None:
             extra = request_extra(req)
             track = RequestTrack(streaming=bool(extra.get("streaming", True)),
-                                 rate=float(extra.get("consumption_rate") or self._default_rate))
+                                 rate=float(extra.get("consumption_rate") or self._default_rate),
+                                 tenant=extra.get("tenant") or None)
             self._tracks[req.request_id] = track
         return track
 
@@ -213,7 +214,9 @@ class TokenFlowScheduler(Scheduler):
             reader_tokens=track.reader_tokens,
             reader_at=track.reader_at,
             adapter_id=str(lora.lora_int_id) if lora is not None else None,
-            tenant=adapter_tenant(lora.lora_name) if lora is not None else None,
+            # The sender, so a tenant's base-model requests count for its share too; the
+            # adapter's owner where the engine did not say (a request built elsewhere).
+            tenant=track.tenant or (adapter_tenant(lora.lora_name) if lora is not None else None),
             # A request vLLM preempted by itself has no pause time of ours: paused "now".
             paused_since=(
                 (track.paused_since if track.paused_since is not None else now)

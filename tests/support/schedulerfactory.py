@@ -77,6 +77,7 @@ def create_scheduler(
 def make_request(
     request_id: str, *, prompt_len: int = 20, max_tokens: int = 64, arrival: float = 0.0,
     consumption_rate: float | None = None, streaming: bool = True, lora_id: int | None = None,
+    tenant: str | None = None,
 ) -> Any:
     """A vLLM ``Request`` carrying our per-request fields as the engine sets them."""
     from vllm import SamplingParams
@@ -88,6 +89,8 @@ def make_request(
     extra: dict[str, Any] = {"streaming": streaming}
     if consumption_rate is not None:
         extra["consumption_rate"] = consumption_rate
+    if tenant is not None:
+        extra["tenant"] = tenant
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True,
                             extra_args={EXTRA_ARGS_KEY: extra})
     lora = LoRARequest(f"adapter-{lora_id}", lora_id, "/unused") if lora_id else None

@@ -197,3 +197,18 @@ def test_a_flood_is_capped_so_a_small_tenants_tokens_keep_near_their_alone_pace(
     assert ttft <= 1.5 * ttft_alone, (ttft_alone, ttft)
     if policy == "fcfs":
         assert tpot <= 1.5 * tpot_alone, (tpot_alone, tpot)
+
+
+def test_a_request_counts_for_its_sender_base_model_included(tiny_model: Path) -> None:
+    """The per-tenant rules count requests by who sent them (the engine passes it), so a
+    flood on the base model is a tenant's flood too; without the engine's word, an adapter
+    request counts for the adapter's owner."""
+    from lorafleet.serving.scheduling import RequestState
+
+    s = create_scheduler(tiny_model, policy="fcfs", max_loras=2, max_num_seqs=4)
+    base = make_request("base", tenant="alice")
+    shared = adapter_request("shared", "alice", 1, 0.0, 8)  # alice's adapter, sent by bob
+    shared.sampling_params.extra_args["lorafleet"]["tenant"] = "bob"
+    unsaid = adapter_request("unsaid", "carol", 2, 0.0, 8)
+    assert [s._view(r, RequestState.WAITING, 0.0).tenant for r in (base, shared, unsaid)] \
+        == ["alice", "bob", "carol"]

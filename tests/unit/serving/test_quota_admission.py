@@ -105,3 +105,13 @@ async def test_a_tenant_without_limits_is_never_refused(
     results = await asyncio.gather(*(
         api.post("/v1/completions", json=completion(2), headers=key) for _ in range(8)))
     assert [r.status_code for r in results] == [200] * 8
+
+
+async def test_the_engine_is_told_which_tenant_sent_each_request(
+    api: httpx.AsyncClient, fake: FakeEngine,
+) -> None:
+    # The scheduler's per-tenant rules (batch share, slot share) count base-model requests too.
+    key = await tenant_key(api, {})
+    r = await api.post("/v1/completions", json={**completion(), "n": 2}, headers=key)
+    assert r.status_code == 200, r.text
+    assert [q.tenant for q in fake.requests] == ["alice", "alice"]
