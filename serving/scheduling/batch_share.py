@@ -30,7 +30,10 @@ The rule (``TokenFlowParams.tenant_max_slowdown`` = ``s``; 0 turns it off):
 - A tenant alone, an unknown step cost, or a batch within the bound: nothing changes. On a
   GPU, where a decode step costs about the same up to a large batch, the cap rarely binds.
 - Which of a capped tenant's requests the policy may schedule: those it started again less
-  than ``min_run_s`` after a pause (no thrash: a request makes progress between two pauses),
+  than ``min_run_s`` ago after a pause (no thrash: a request makes progress between two
+  pauses) and those kept waiting past ``max_wait_s`` or paused past ``max_pause_s`` (the
+  policies' own bounds: no request of a capped tenant waits for its first token, or for its
+  next, without bound; above the cap they rotate),
   then its running ones, then its paused ones (longest paused first), then its waiting ones
   (oldest first); within each, those on the adapter where it runs the most sequences first
   (fewest distinct adapters in the step), and among running ones those with the most tokens
@@ -102,9 +105,11 @@ def hold_above_cap(
         if v.state is RequestState.RUNNING:
             shielded = recently_restarted(v, now, p.min_run_s)
             return (0 if shielded else 1, *grouped, -v.generated_tokens, v.request_id)
-        since = v.paused_since if v.state is RequestState.PAUSED and v.paused_since is not None \
-            else v.arrival
-        return (2 if v.state is RequestState.PAUSED else 3, *grouped, since, v.request_id)
+        paused = v.state is RequestState.PAUSED
+        since = v.paused_since if paused and v.paused_since is not None else v.arrival
+        # The policies' own bounds hold under the cap too: a request kept out past them runs.
+        overdue = now - since >= (p.max_pause_s if paused else p.max_wait_s)
+        return (0 if overdue else 2 if paused else 3, *grouped, since, v.request_id)
 
     over: set[str] = set()
     for t in (t for t, d in demand.items() if d > c):

@@ -118,6 +118,22 @@ def test_paused_and_waiting_flood_requests_are_held_and_come_back_when_the_rival
     assert {"p0", "p1", "p2", "p3", "fw"} <= set(plan.to_start)
 
 
+def test_above_the_cap_no_request_waits_or_stays_paused_past_the_policies_bounds():
+    """The cap holds a tenant's extra requests, but no longer than ``max_wait_s`` for a first
+    token or ``max_pause_s`` for the next: above the cap they rotate."""
+    p = TokenFlowParams()
+    views = ([view(f"f{i}", "flood", generated_tokens=50 + i) for i in range(6)]
+             + [view("fw", "flood", W, arrival=0.0),
+                view("fp", "flood", P, generated_tokens=5, paused_since=1.0, first_token_time=0.5),
+                view("s0", "steady", arrival=0.5)])
+    _, d = shared(views, CPU, now=2.0, p=p)
+    assert d["fw"].action is Action.DEFER and d["fp"].action is Action.KEEP_PAUSED
+    _, d = shared(views, CPU, now=p.max_wait_s + 0.1, p=p)
+    assert d["fw"].action is Action.ADMIT and d["fp"].action is Action.KEEP_PAUSED
+    _, d = shared(views, CPU, now=1.0 + p.max_pause_s + 0.1, p=p)
+    assert d["fp"].action is Action.RESUME
+
+
 def test_a_tenant_whose_request_just_ended_still_counts_so_the_flood_is_not_resumed_between():
     views = flood_and_steady(steady=0)
     cap = Capacity(max_running=64, max_loras=64, step_cost=CPU)
