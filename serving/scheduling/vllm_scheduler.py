@@ -8,8 +8,8 @@ wait, per-tenant share, slots taken back for a tenant below its share), and appl
 pauses are vLLM's own recompute preemption (``_preempt_request``; KV blocks stay in the
 prefix cache until evicted, and a KV connector may keep a copy elsewhere), requests the plan
 holds back are *parked* outside vLLM's waiting queue, and the rest of the waiting queue is
-reordered to the plan's start order. vLLM then admits in that order under its own limits (token budget, KV,
-``max_loras``).
+reordered to the plan's start order. vLLM then admits in that order under its own limits
+(token budget, KV, ``max_loras``).
 
 Pinned to vLLM 0.32.0: ``Scheduler`` internals are not a public API.
 
