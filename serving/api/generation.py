@@ -6,6 +6,13 @@ the non-streaming path closes it in ``finally``, and a streaming response
 (``GenerationStream``) closes it when the ASGI call ends, whether or not its body generator
 ever started (a client gone before the first byte never starts it, and a never-started async
 generator runs no ``finally``). Formatting is ``responses.py``'s.
+
+A request that ends normally (or with an error event) releases its slots, and waits until the
+book has the release, *before* its last bytes (a stream's ``data: [DONE]``, a whole answer's
+body): a client that keeps N requests in flight under a limit of N is then never refused,
+whichever ingress replica its next request reaches. A cluster-wide book (Redis) lands a
+release after a round trip, and only the releasing process waits for its own releases at
+admission; the wait costs that round trip once per request, after its last token.
 """
 
 from __future__ import annotations
@@ -189,12 +196,21 @@ class Generation:
             raise ServiceUnavailable("The engine is unavailable; retry shortly.") from e
 
     def close(self, status: int) -> None:
+        """End the request: its meter, and its quota slots (the release may still be on
+        its way to a cluster-wide book; ``finish`` waits for it)."""
         if self.meter.finished:
             return
         self.meter.finish(status, self.services.clock())
         self.services.metrics.in_flight.labels(self.tenant).dec()
         refund = max(0, self.reserved_tokens - self.meter.completion_tokens)
         self.services.quotas.release(self.tenant, self.quota, refund, self.sequences)
+
+    async def finish(self, status: int) -> None:
+        """``close``, then wait until the book has the release: called before the answer's
+        last bytes (the stream's ``[DONE]``, a whole answer's body), so that a client's next
+        request, on whichever ingress replica, finds the slots free (module doc)."""
+        self.close(status)
+        await self.services.quotas.settled(self.tenant)
 
     # -- bodies -------------------------------------------------------------------------
 
@@ -328,6 +344,7 @@ async def stream_events(gen: Generation, include_usage: bool) -> AsyncIterator[b
                 write_hop.observe(written - received)
         if include_usage:
             yield sse({**head, "choices": [], "usage": gen.usage()})
+        await gen.finish(status)
         yield b"data: [DONE]\n\n"
     except asyncio.CancelledError:
         status = 499  # client went away; the engine requests were aborted by the generators
@@ -335,11 +352,13 @@ async def stream_events(gen: Generation, include_usage: bool) -> AsyncIterator[b
     except APIError as e:
         status = e.status
         yield sse(e.body())
+        await gen.finish(status)
         yield b"data: [DONE]\n\n"
     except Exception:
         status = 500
         log.exception("stream %s failed", gen.id)
         yield sse(APIError("Internal error while streaming.").body())
+        await gen.finish(status)
         yield b"data: [DONE]\n\n"
     finally:
-        gen.close(status)
+        gen.close(status)  # a no-op after finish; a client gone mid-stream ends here

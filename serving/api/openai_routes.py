@@ -234,8 +234,10 @@ def build_openai_router(services: ApiServices, policy: RequestPolicy | None = No
         try:
             result = await task
             status = 200
+            await gen.finish(status)  # slots free before the answer is sent (generation.py)
         except APIError as e:
             status = e.status
+            await gen.finish(status)
             raise
         finally:
             watcher.cancel()

@@ -136,8 +136,9 @@ class Quotas(Protocol):
         Called from ``finally`` blocks, so it must not wait: I/O goes to the background."""
         ...
 
-    async def settled(self) -> None:
-        """Wait until every release made so far has taken effect (tests, shutdown)."""
+    async def settled(self, tenant: str | None = None) -> None:
+        """Wait until every release made so far (of ``tenant``, or of every tenant) has taken
+        effect: before a request's last bytes, in tests, at shutdown."""
         ...
 
     async def close(self) -> None: ...
@@ -169,7 +170,7 @@ class QuotaBook:
     def in_flight(self, tenant: str) -> int:
         return self._usage.get(tenant, TenantUsage()).in_flight
 
-    async def settled(self) -> None:
+    async def settled(self, tenant: str | None = None) -> None:
         """Nothing to wait for: releases here take effect at once."""
 
     async def close(self) -> None:

@@ -43,10 +43,11 @@ one admission probes it (``breaker.py``) while the others keep deciding locally,
 whose packets are dropped costs one admission per ``retry_after_s`` a ``timeout_s`` wait, not
 every admission that arrives while the probe waits.
 
-Consistency within one process: ``release`` never waits (it is called from ``finally``
-blocks); its script runs in the background, and the next ``admit`` of the same tenant in
-this process waits for it first, so a client's next request after one finished sees the slot
-free. Across processes the gap is the release script's round trip (about a millisecond).
+Consistency: ``release`` never waits (it is called from ``finally`` blocks); its script
+runs in the background. A request that ends normally waits for it (``settled(tenant)``)
+before its last bytes (``generation.py``), so a client's next request after one finished
+sees the slot free on every ingress; one whose client went away does not wait, and the next
+``admit`` of the same tenant in this process waits for it first.
 A release pops one of this process's leases of the tenant, not necessarily the request's
 own: leases of one tenant are interchangeable for counting. One admitted while Redis was
 down is released to the local book.
@@ -295,9 +296,10 @@ class RedisQuotaBook:
 
     # --- introspection (tests, /metrics) ---
 
-    async def settled(self) -> None:
-        """Wait until every release started so far has reached Redis (or failed)."""
-        tasks = [t for ts in self._pending.values() for t in ts]
+    async def settled(self, tenant: str | None = None) -> None:
+        """Wait until every release started so far (of ``tenant``, or all) has reached Redis
+        or failed (a failed one's lease expires by itself)."""
+        tasks = [t for name, ts in self._pending.items() if tenant in (None, name) for t in ts]
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def held(self, tenant: str) -> int:

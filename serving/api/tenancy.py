@@ -10,6 +10,8 @@ re-read at most once a second), so a registry write by another process (a revoke
 deleted adapter) takes effect within a second, one by this process at once, and a registry
 that is briefly unreachable does not fail requests it already knows how to answer: keys,
 model names and model lists seen before the outage keep their last answer until it ends.
+A lookup that fails or runs out its deadline while the registry's identity still answers is
+the same outage for that key or name, and is answered the same way.
 
 Bounds, and why (``TenancySettings``):
 
@@ -324,12 +326,20 @@ class Tenancy:
             except RegistryReset as e:
                 raise ServiceUnavailable(RESET_MESSAGE) from e
             except RegistryUnavailable as e:
-                raise self._unavailable("The tenant registry is unavailable; retry shortly.") from e
+                # The identity answered but the lookup did not (or ran out its deadline):
+                # for this key that is an outage, and an outage keeps a recent answer.
+                if cached is None or not self._usable(cached, -1, now):
+                    raise self._unavailable("The tenant registry is unavailable; retry shortly.") from e
+                return self._tenant_or_401(cached.tenant)
             entry = _KeyEntry(now, gen, tenant)
             if tenant is not None:
                 self._keys.put(digest, entry, instead_of=self._unknown_keys)
             else:
                 self._unknown_keys.put(digest, entry, instead_of=self._keys)
+        return self._tenant_or_401(tenant)
+
+    @staticmethod
+    def _tenant_or_401(tenant: Tenant | None) -> Tenant:
         if tenant is None:
             raise AuthenticationFailed(BAD_KEY)
         return tenant

@@ -54,6 +54,7 @@ class FakeEngine:
         self.unloads: list[str] = []
         self._go = asyncio.Event()
         self._go.set()
+        self._fail_next: BaseException | None = None
 
     # -- test controls ----------------------------------------------------------------
 
@@ -64,6 +65,10 @@ class FakeEngine:
     def release(self) -> None:
         self._go.set()
 
+    def fail_next(self, error: BaseException) -> None:
+        """The next request's stream raises ``error`` before its first token."""
+        self._fail_next = error
+
     # -- Engine -----------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -73,6 +78,9 @@ class FakeEngine:
         if not self.started:
             raise EngineDead(f"engine {self.replica_id} not started")
         self.requests.append(request)
+        if self._fail_next is not None:
+            error, self._fail_next = self._fail_next, None
+            raise error
         adapter_id = request.adapter.adapter_id if request.adapter else None
         if request.adapter is not None:
             await self.load_adapter(request.adapter)

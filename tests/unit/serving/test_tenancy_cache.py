@@ -135,3 +135,39 @@ async def test_every_503_of_an_unreachable_registry_says_when_to_retry(
             await call()
         retry_after = refused.value.response().headers.get("Retry-After")
         assert retry_after == str(math.ceil(tenancy.settings.retry_after_s)), retry_after
+
+
+async def test_a_known_key_and_adapter_keep_working_while_lookups_run_out_their_deadline(
+    registry: Any, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registry that answers its identity but whose lookups miss the deadline (a loaded
+    Redis, a busy ingress loop) is an outage for those lookups: a key read within ``stale_s``
+    and an adapter resolved before keep their answer; a key never seen is a 503."""
+    import asyncio
+
+    from lorafleet.adapters.model import AdapterRecord
+    from lorafleet.serving.api.tenancy import TenancySettings
+
+    tenancy = Tenancy(registry, BASE, clock=clock,
+                      settings=TenancySettings(lookup_timeout_s=0.05, retry_after_s=0.0))
+    key, _ = await add_key(registry)
+    await registry.put_adapter(AdapterRecord(
+        tenant="alice", name="french", source="file:///x", base_model=BASE, digest="0" * 64,
+        rank=8, alpha=16.0, target_modules=("q_proj",), size_bytes=1))
+    alice = await tenancy.authenticate(bearer(key))
+    assert (await tenancy.resolve(alice, "french")).adapter is not None
+
+    async def slow(*_: Any, **__: Any) -> Any:
+        await asyncio.sleep(10)
+
+    for name in ("find_key", "get_tenant", "get_adapter", "list_shared_adapters"):
+        monkeypatch.setattr(registry, name, slow)
+    clock.now += tenancy.settings.ttl_s + 1  # past the TTL: the key is read again
+    assert (await tenancy.authenticate(bearer(key))).name == "alice"
+    assert (await tenancy.resolve(alice, "french")).model == "french"
+    unknown, _ = generate_key()
+    with pytest.raises(ServiceUnavailable):
+        await tenancy.authenticate(bearer(unknown))
+    clock.now += tenancy.settings.stale_s  # the stale window bounds it, as in an outage
+    with pytest.raises(ServiceUnavailable):
+        await tenancy.authenticate(bearer(key))
