@@ -50,7 +50,9 @@ sees the slot free on every ingress; one whose client went away does not wait, a
 ``admit`` of the same tenant in this process waits for it first.
 A release pops one of this process's leases of the tenant, not necessarily the request's
 own: leases of one tenant are interchangeable for counting. One admitted while Redis was
-down is released to the local book.
+down is released to the local book. An admission whose answer was lost (a read timeout)
+may still have taken its lease in Redis: that lease is released as soon as Redis answers
+again, instead of holding a slot for ``lease_ttl_s``.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
@@ -218,6 +221,9 @@ class RedisQuotaBook:
         # by the local fallback). Guards nothing across threads: one event loop owns the book.
         self._held: dict[str, list[tuple[str | None, int]]] = {}
         self._pending: dict[str, set[asyncio.Task[None]]] = {}
+        # Admissions whose answer never came (tenant, lease, quota, sequences); bounded: past
+        # that, a lost lease just expires after lease_ttl_s.
+        self._orphans: deque[tuple[str, str, Quota, int]] = deque(maxlen=10_000)
         # Open (decide locally) from a failure until a probe gets through; one probe at a time.
         self._breaker = CircuitBreaker(self.settings.retry_after_s, threshold=1)
         self._degraded = False
@@ -251,11 +257,15 @@ class RedisQuotaBook:
                           cost_tokens, lease, self.settings.lease_ttl_s, sequences])
             except _UNREACHABLE as e:
                 self._went_down(e)
+                # The script may have run and only its answer been lost (a read timeout):
+                # then it holds a lease nobody renews or releases. Released once Redis answers.
+                self._orphans.append((tenant, lease, quota, sequences))
             except BaseException:
                 self._breaker.abandon()
                 raise
             else:
                 self._came_back()
+                self._release_orphans()
                 if reason != "admit":
                     return refusal(reason, quota, cost_tokens, float(retry), sequences)
                 self._held.setdefault(tenant, []).append((lease, sequences))
@@ -280,10 +290,7 @@ class RedisQuotaBook:
         if lease is None:
             self.local.release(tenant, quota, refund_tokens, sequences)
             return
-        task = asyncio.get_running_loop().create_task(
-            self._release_remote(tenant, lease, quota, refund_tokens, sequences))
-        self._pending.setdefault(tenant, set()).add(task)
-        task.add_done_callback(lambda t: self._forget(tenant, t))
+        self._release_in_background(tenant, lease, quota, refund_tokens, sequences)
 
     async def close(self) -> None:
         """Wait for pending releases, stop renewing, close the connection."""
@@ -373,6 +380,20 @@ class RedisQuotaBook:
             self._degraded = True
             log.warning("quota store unreachable (%s): each ingress enforces tenant quotas on its "
                         "own until Redis answers again", error)
+
+    def _release_orphans(self) -> None:
+        """Release (in the background) the leases of admissions whose answer was lost."""
+        while self._orphans:
+            tenant, lease, quota, sequences = self._orphans.popleft()
+            self._release_in_background(tenant, lease, quota, 0, sequences)
+
+    def _release_in_background(self, tenant: str, lease: str, quota: Quota, refund: int,
+                               sequences: int) -> None:
+        """Start the release script; ``settled`` and the tenant's next ``admit`` wait for it."""
+        task = asyncio.get_running_loop().create_task(
+            self._release_remote(tenant, lease, quota, refund, sequences))
+        self._pending.setdefault(tenant, set()).add(task)
+        task.add_done_callback(lambda t: self._forget(tenant, t))
 
     def _came_back(self) -> None:
         self._breaker.success()

@@ -196,7 +196,8 @@ async def test_thousands_of_tiny_streaming_requests(fault_server: Server) -> Non
         await asyncio.gather(*(one(i) for i in range(n)))
         wall = time.monotonic() - t0
     print(f"\ntiny streams: {n} one-token streams, {per_tenant} at a time per tenant, in "
-          f"{wall:.1f} s ({n / wall:.1f} req/s); statuses {statuses}; incomplete {incomplete}")
+          f"{wall:.1f} s ({n / wall:.1f} req/s); statuses {statuses}; incomplete {incomplete}; "
+          f"refusals {messages}")
     assert incomplete == 0
     assert error_codes <= {"429 rate_limit_error"}, (error_codes, statuses, messages)
     for tenant, got in statuses.items():

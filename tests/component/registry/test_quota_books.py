@@ -307,6 +307,36 @@ async def test_slots_of_a_dead_ingress_expire_and_live_ones_are_renewed(redis_se
         await other.close()
 
 
+@pytest.mark.redis
+async def test_an_admission_whose_answer_was_lost_does_not_hold_its_slot(redis_server: Any) -> None:
+    """The admit script ran but its answer timed out: the lease it took is released once
+    Redis answers again, not left to hold a slot for lease_ttl_s."""
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    clock = Clock()
+    book = RedisQuotaBook(redis_server.url, namespace=namespace(), clock=clock,
+                          settings=RedisQuotaSettings(retry_after_s=0.0))
+    q = Quota(max_concurrent=2)
+    admit_script = book._admit
+
+    async def answer_lost(**kwargs: Any) -> Any:
+        await admit_script(**kwargs)
+        raise RedisTimeoutError("Timeout reading from socket")
+
+    try:
+        book._admit = answer_lost  # type: ignore[method-assign]
+        assert isinstance(await book.admit("alice", q, 1, 0.0), Admit)  # decided locally
+        book.release("alice", q, 0)  # that request ends
+        assert await book.leases("alice") == 1  # the lost lease, still in Redis
+        book._admit = admit_script  # type: ignore[method-assign]
+        assert isinstance(await book.admit("alice", q, 1, 0.0), Admit)
+        await book.settled()
+        assert await book.leases("alice") == 1  # only the running request's
+        assert isinstance(await book.admit("alice", q, 1, 0.0), Admit)  # two slots, two requests
+    finally:
+        await book.close()
+
+
 # --- Redis down: fail open, per process, counted ------------------------------------------
 
 

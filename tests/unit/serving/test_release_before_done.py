@@ -24,8 +24,8 @@ from tinyengine import ADMIN
 from lorafleet.adapters.model import Quota
 from lorafleet.serving.api.quotas import Admit, QuotaBook, Refuse
 from lorafleet.serving.api.services import ApiServices
-from lorafleet.serving.engine.errors import EngineDead
 from lorafleet.serving.demo.basemodel import TINY_MODEL_NAME
+from lorafleet.serving.engine.errors import EngineDead
 
 pytestmark = pytest.mark.middle
 
