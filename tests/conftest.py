@@ -27,6 +27,9 @@ DATA_DIR = Path(os.environ.get("LORAFLEET_DATA_DIR", REPO / ".lorafleet"))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Engines built here without VLLMEngine (vLLM's own LLM, stock ops) agree with the others on
+# the CPU's vector ISA: serving.engine.vllm_engine.pin_inductor_vec_isa.
+os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")
 os.environ.setdefault("VLLM_CACHE_ROOT", str(DATA_DIR / "vllm-cache"))
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")

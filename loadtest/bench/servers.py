@@ -262,6 +262,10 @@ def vllm_command(opts: VLLMOptions, port: int) -> tuple[list[str], dict[str, str
         # left out; only vLLM's filesystem resolver is allowed, and only when asked for.
         VLLM_PLUGINS="lora_filesystem_resolver" if opts.resolver_dir else "",
     )
+    # As LoRAFleet's engines do (serving.engine.vllm_engine.pin_inductor_vec_isa): torch
+    # takes the vector ISA from the CPU's flags, so that a probe failing on a loaded machine
+    # cannot make this server build a cached kernel without it (its sampler died on logprobs).
+    env.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")
     if opts.resolver_dir:
         env["VLLM_LORA_RESOLVER_CACHE_DIR"] = str(opts.resolver_dir)
     return cmd, env

@@ -46,6 +46,28 @@ def _apply_vllm_environment(config: EngineConfig) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    pin_inductor_vec_isa()
+
+
+INDUCTOR_VEC_ISA_OK = "TORCHINDUCTOR_VEC_ISA_OK"
+
+
+def pin_inductor_vec_isa() -> None:
+    """Let torch's inductor take the CPU's vector ISA from the CPU's flags, in this process
+    and every process it starts (engine core, workers; a value already set wins).
+
+    Otherwise each process decides by compiling and loading a probe, and a probe that fails
+    (a loaded machine) makes that process build kernels without the ISA, while the kernel
+    cache it shares with the other processes of the machine holds code generated with it:
+    the C++ build of a cached kernel then fails (``'at::vec' has not been declared``). vLLM's
+    sampler compiles such a kernel for logprobs, so the engine died on a logprobs request.
+    Only CPU code generation reads it; on a GPU node it changes nothing.
+    """
+    value = os.environ.setdefault(INDUCTOR_VEC_ISA_OK, "1")
+    import torch._inductor.config as inductor  # read the variable at import: a fork inherits it
+
+    if inductor.cpp.vec_isa_ok is None:
+        inductor.cpp.vec_isa_ok = value == "1"
 
 
 def scheduling_engine_args(config: EngineConfig, metrics_path: str | None = None) -> dict[str, Any]:
